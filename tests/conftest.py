@@ -1,0 +1,37 @@
+"""Session fixtures: real English text and a tokenizer trained on it, built once per test run."""
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def text_corpus(tmp_path_factory) -> dict[str, str]:
+    """Real English in the corpus text format: {"train"|"valid"|"test": path to a .txt file}.
+
+    The text is the Python language reference that ships with Python (pydoc_data.topics):
+    one paragraph a line, a blank line between topics (documents); ~0.45 MB, ~80 documents.
+    """
+    from pydoc_data.topics import topics
+
+    documents = []
+    for name in sorted(topics):
+        paragraphs = [" ".join(p.split()) for p in topics[name].split("\n\n")]
+        paragraphs = [p for p in paragraphs if len(p.split()) >= 4]
+        if paragraphs:
+            documents.append("\n".join(paragraphs))
+    splits = {"valid": documents[0::20], "test": documents[1::20]}
+    splits["train"] = [doc for i, doc in enumerate(documents) if i % 20 > 1]
+    folder = tmp_path_factory.mktemp("corpus")
+    paths = {}
+    for split, docs in splits.items():
+        path = folder / f"{split}.txt"
+        path.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+        paths[split] = str(path)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(text_corpus, tmp_path_factory) -> str:
+    """A unigram tokenizer folder (vocab 1000, the fixed special ids) trained on text_corpus."""
+    from convmodel.tokenization import train_tokenizer
+
+    return train_tokenizer(text_corpus["train"], str(tmp_path_factory.mktemp("tokenizer")), vocab_size=1000)
