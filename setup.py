@@ -18,7 +18,7 @@ setup(
         "torch>=2.1,<3",
         "pytorch-lightning>=2.4,<3",
         "jsonargparse[signatures]>=4.32",
-        "transformers>=4.45",
+        "transformers>=5.0",
         "tokenizers>=0.20",
         "sentencepiece>=0.2",
         "protobuf",

@@ -1,0 +1,230 @@
+"""LightningDataModule over JSONL shards: streaming readers, shuffle buffer, objective's collator."""
+
+import glob
+import os
+from collections.abc import Callable
+from typing import Literal
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from convmodel.data.collators import build_collator
+from convmodel.data.jsonl_stream import JsonlStream
+from convmodel.data.prepare import MIN_SEQ_LEN, OBJECTIVES
+from convmodel.errors import UserError
+
+
+class EpochDataLoader(DataLoader):
+    """A DataLoader that tells its dataset and collator the epoch before each pass.
+
+    `set_epoch` runs in the main process when the iterator is created; with
+    persistent_workers=False the workers start afterwards and see the new value.
+    """
+
+    def __init__(self, dataset, *args, epoch_fn: Callable[[], int] | None = None, **kwargs):
+        super().__init__(dataset, *args, **kwargs)
+        self.epoch_fn = epoch_fn
+
+    def __iter__(self):
+        epoch = self.epoch_fn() if self.epoch_fn is not None else 0
+        self.dataset.set_epoch(epoch)
+        if hasattr(self.collate_fn, "set_epoch"):
+            self.collate_fn.set_epoch(epoch)
+        return super().__iter__()
+
+
+def expand_files(option: str, patterns: str | list[str]) -> list[str]:
+    """Paths or globs -> sorted existing files; UserError naming the option when one matches nothing."""
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    files: list[str] = []
+    for pattern in patterns:
+        matches = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
+        if not matches:
+            raise UserError(
+                f"{option}: {pattern!r} matches no file; make shards with trainer/prepare_train_data.py "
+                "or fix the path (it is relative to the directory you run from)"
+            )
+        files.extend(m for m in matches if m not in files)
+    return files
+
+
+class JsonlDataModule(pl.LightningDataModule):
+    """Streams JSONL shards made by trainer/prepare_train_data.py into batches for one objective.
+
+    Batches are dicts of tensors: input_ids, attention_mask, labels (-100 = not predicted), and
+    for sop also token_type_ids and sentence_order_label. Each sample is read once per epoch
+    across all ranks and DataLoader workers; validation and test masks are the same every time.
+
+    Args:
+        tokenizer: tokenizer directory made by trainer/train_tokenizer.py (the one the shards were made with).
+        train_files: training shards: a path, a glob such as data/train/*.jsonl, or a list of them.
+        val_files: validation shards (path, glob or list); read in order, masks fixed.
+        test_files: test shards (path, glob or list); read in order, masks fixed.
+        objective: mlm (BERT), sop (ALBERT: MLM + sentence order) or clm (GPT-2); must match the shards.
+        whole_word_mask: mlm/sop: mask whole words (all pieces of a word together) instead of single pieces.
+        mlm_probability: mlm/sop: share of tokens (or words) chosen for prediction.
+        batch_size: samples per batch on each device.
+        max_seq_len: longer records are cut to this many tokens.
+        num_workers: DataLoader worker processes per device (0 reads in the training process).
+        shuffle_buffer_size: training samples held for shuffling per worker (0 or 1: file order).
+        seed: seeds the shuffle and the masks.
+    """
+
+    def __init__(
+        self,
+        tokenizer: str,
+        train_files: str | list[str] | None = None,
+        val_files: str | list[str] | None = None,
+        test_files: str | list[str] | None = None,
+        objective: Literal["mlm", "sop", "clm"] = "mlm",
+        whole_word_mask: bool = False,
+        mlm_probability: float = 0.15,
+        batch_size: int = 32,
+        max_seq_len: int = 128,
+        num_workers: int = 0,
+        shuffle_buffer_size: int = 10000,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.tokenizer_path = tokenizer
+        self.train_files = train_files
+        self.val_files = val_files
+        self.test_files = test_files
+        self.objective = objective
+        self.whole_word_mask = whole_word_mask
+        self.mlm_probability = mlm_probability
+        self.batch_size = batch_size
+        self.max_seq_len = max_seq_len
+        self.num_workers = num_workers
+        self.shuffle_buffer_size = shuffle_buffer_size
+        self.seed = seed
+        self._check_options()
+        self._tokenizer = None
+        self._files: dict[str, list[str]] = {}
+
+    def _check_options(self) -> None:
+        """All problems with the options at once, each naming its data.* key."""
+        problems = []
+        if not self.tokenizer_path or not isinstance(self.tokenizer_path, str):
+            problems.append("data.tokenizer is required: the tokenizer directory made by trainer/train_tokenizer.py")
+        if self.objective not in OBJECTIVES:
+            problems.append(f"data.objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        elif not isinstance(self.max_seq_len, int) or self.max_seq_len < MIN_SEQ_LEN[self.objective]:
+            problems.append(
+                f"data.max_seq_len must be >= {MIN_SEQ_LEN[self.objective]} for {self.objective}, got {self.max_seq_len!r}"
+            )
+        if self.objective == "clm" and self.whole_word_mask:
+            problems.append("data.whole_word_mask applies to mlm/sop only; set it to false for clm")
+        if self.objective != "clm" and not 0.0 < self.mlm_probability < 1.0:
+            problems.append(f"data.mlm_probability must be between 0 and 1 (exclusive), got {self.mlm_probability!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size <= 0:
+            problems.append(f"data.batch_size must be > 0, got {self.batch_size!r}")
+        if not isinstance(self.num_workers, int) or self.num_workers < 0:
+            problems.append(f"data.num_workers must be >= 0, got {self.num_workers!r}")
+        if not isinstance(self.shuffle_buffer_size, int) or self.shuffle_buffer_size < 0:
+            problems.append(f"data.shuffle_buffer_size must be >= 0, got {self.shuffle_buffer_size!r}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            problems.append(f"data.seed must be an integer >= 0, got {self.seed!r}")
+        for split in ("train", "val", "test"):
+            value = getattr(self, f"{split}_files")
+            if value is not None and not (
+                isinstance(value, str) or (isinstance(value, list | tuple) and all(isinstance(v, str) for v in value))
+            ):
+                problems.append(f"data.{split}_files must be a path, a glob or a list of them, got {value!r}")
+        if problems:
+            raise UserError("; ".join(problems))
+
+    @property
+    def tokenizer(self):
+        """The Hugging Face tokenizer, loaded on first use (UserError if data.tokenizer is not one)."""
+        if self._tokenizer is None:
+            from convmodel.tokenization import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.tokenizer_path)
+        return self._tokenizer
+
+    def setup(self, stage: str | None = None) -> None:
+        """Expand the file options needed by `stage` (UserError naming the option) and load the tokenizer."""
+        needed = {
+            "fit": ["train", "val"],
+            "validate": ["val"],
+            "test": ["test"],
+            "predict": [],
+            None: ["train", "val", "test"],
+        }.get(stage, [])
+        if stage == "fit" and self.train_files is None:
+            raise UserError("data.train_files is required for training: give the training shards (a glob or list)")
+        if stage == "validate" and self.val_files is None:
+            raise UserError("data.val_files is required to validate: give the validation shards (a glob or list)")
+        if stage == "test" and self.test_files is None:
+            raise UserError("data.test_files is required to test: give the test shards (a glob or list)")
+        for split in needed:
+            patterns = getattr(self, f"{split}_files")
+            if patterns is not None and split not in self._files:
+                self._files[split] = expand_files(f"data.{split}_files", patterns)
+        _ = self.tokenizer  # load now, so a bad tokenizer fails before training starts
+
+    def _rank_and_world(self) -> tuple[int | None, int | None]:
+        """From the attached Trainer (None lets the stream ask torch.distributed)."""
+        if self.trainer is None:
+            return None, None
+        return self.trainer.global_rank, self.trainer.world_size
+
+    def _current_epoch(self) -> int:
+        return self.trainer.current_epoch if self.trainer is not None else 0
+
+    def _dataset(self, split: str, shuffle: bool) -> JsonlStream:
+        if split not in self._files:
+            patterns = getattr(self, f"{split}_files")
+            if patterns is None:
+                raise UserError(f"data.{split}_files is not set; give the {split} shards (a glob or list)")
+            self._files[split] = expand_files(f"data.{split}_files", patterns)
+        rank, world = self._rank_and_world()
+        return JsonlStream(
+            self._files[split],
+            max_seq_len=self.max_seq_len,
+            shuffle_buffer_size=self.shuffle_buffer_size if shuffle else 0,
+            seed=self.seed,
+            rank=rank,
+            world_size=world,
+            required_fields=("input_ids", "token_type_ids", "sentence_order_label")
+            if self.objective == "sop"
+            else ("input_ids",),
+            end_token_id=None if self.objective == "clm" else self.tokenizer.sep_token_id,
+            vocab_size=len(self.tokenizer),
+            # DDP ranks must take the same number of training steps, or the last all-reduce hangs
+            drop_remainder=shuffle and (world or 1) > 1,
+        )
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        collator = build_collator(
+            self.tokenizer,
+            self.objective,
+            whole_word_mask=self.whole_word_mask,
+            mlm_probability=self.mlm_probability,
+            seed=self.seed,
+            deterministic=not train,
+        )
+        on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        return EpochDataLoader(
+            self._dataset(split, shuffle=train),
+            batch_size=self.batch_size,
+            collate_fn=collator,
+            num_workers=self.num_workers,
+            pin_memory=on_gpu and torch.cuda.is_available(),
+            persistent_workers=False,
+            epoch_fn=self._current_epoch if train else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_files is None:
+            return []  # Lightning then skips validation
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)
