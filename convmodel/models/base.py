@@ -1,0 +1,294 @@
+"""PretrainingModule: what every pretraining LightningModule shares.
+
+Steps and logging (loss, perplexity, learning rate, tokens/s), optimizer and schedule,
+checks that stop a mismatched tokenizer, data or checkpoint with one clear message, and
+`to_hf()` for export. A subclass only builds its transformers model and says how a batch
+becomes a loss (`compute_losses`).
+"""
+
+import inspect
+import math
+import os
+import time
+from typing import Literal, NamedTuple
+
+import pytorch_lightning as pl
+import torch
+
+from convmodel.errors import UserError
+from convmodel.optim import build_optimizer, build_scheduler, param_groups
+
+
+class Losses(NamedTuple):
+    """What one batch gives: the loss to optimise and the language-model part of it.
+
+    `lm_loss` is the mean cross entropy over the `n_targets` predicted tokens (masked
+    tokens for MLM, next tokens for CLM); perplexity is exp of its token-weighted mean.
+    For MLM and CLM `loss` is `lm_loss`; SOP adds the sentence-order loss.
+    """
+
+    loss: torch.Tensor
+    lm_loss: torch.Tensor
+    n_targets: torch.Tensor
+
+
+class SpecialIds(NamedTuple):
+    """Vocabulary size and special token ids of the tokenizer (None where it has none)."""
+
+    vocab_size: int
+    pad: int | None
+    cls: int | None
+    sep: int | None
+    mask: int | None
+    eos: int | None
+    bos: int | None
+
+
+def read_special_ids(tokenizer_path: str) -> SpecialIds:
+    """Load the tokenizer once and keep only what the model needs from it."""
+    from convmodel.tokenization import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_path)
+    return SpecialIds(
+        vocab_size=len(tok),
+        pad=tok.pad_token_id,
+        cls=tok.cls_token_id,
+        sep=tok.sep_token_id,
+        mask=tok.mask_token_id,
+        eos=tok.eos_token_id,
+        bos=tok.bos_token_id,
+    )
+
+
+def make_hf_config(config_class: type, user: dict | None, fixed: dict, option: str = "model.init_args.config"):
+    """`config_class(**user, **fixed)`, refusing typos and keys that come from the tokenizer.
+
+    transformers configs accept any keyword silently, so `hidden_sizes: 64` would train a
+    default-size model; we name every unknown key at once instead.
+    """
+    user = dict(user or {})
+    signature = inspect.signature(config_class.__init__).parameters
+    known = {n for n, p in signature.items() if p.kind is not p.VAR_KEYWORD and n != "self"}
+    known |= set(getattr(config_class, "attribute_map", {})) | {"attn_implementation"}
+    problems = []
+    unknown = sorted(set(user) - known)
+    if unknown:
+        problems.append(f"unknown key(s) {unknown} for {config_class.__name__}")
+    from_tokenizer = sorted(set(user) & set(fixed))
+    if from_tokenizer:
+        problems.append(f"{from_tokenizer} come(s) from the tokenizer (data.tokenizer); remove them")
+    if problems:
+        raise UserError(f"{option}: " + "; ".join(problems))
+    return config_class(**user, **fixed)
+
+
+class PretrainingModule(pl.LightningModule):
+    """Base of the pretraining modules: steps, logging, optimizer, schedule and checks.
+
+    Args:
+        tokenizer: Tokenizer folder; vocabulary size and special ids come from it (linked from data.tokenizer).
+        objective: Pretraining objective: mlm, sop or clm (linked from data.objective).
+        optimizer: adamw, lamb (fp32, any device) or lamb8bit (bitsandbytes 8-bit state).
+        lr: Peak learning rate, reached at the end of warmup.
+        weight_decay: Decoupled weight decay, applied to matrices only (not biases or norms).
+        betas: Adam/LAMB moment coefficients (beta1, beta2).
+        eps: Adam/LAMB epsilon added to the root of the second moment.
+        schedule: linear (warmup, then linear decay to 0 at total_steps) or constant (warmup, then flat).
+        warmup_steps: Optimizer steps of linear warmup from 0 to lr.
+        total_steps: Optimizer steps of the linear schedule; default trainer.max_steps.
+    """
+
+    def __init__(
+        self,
+        tokenizer: str,
+        objective: str = "mlm",
+        optimizer: Literal["adamw", "lamb", "lamb8bit"] = "adamw",
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        schedule: Literal["linear", "constant"] = "linear",
+        warmup_steps: int = 1000,
+        total_steps: int | None = None,
+    ):
+        super().__init__()
+        self.tokenizer_path = tokenizer
+        self.objective = objective
+        self.optimizer_name = optimizer
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.betas = tuple(betas)
+        self.eps = eps
+        self.schedule = schedule
+        self.warmup_steps = warmup_steps
+        self.total_steps = total_steps
+        self.special_ids = read_special_ids(tokenizer)
+        self.vocab_size = self.special_ids.vocab_size
+        self.model = None  # the transformers model; built by the subclass
+        self._last_batch_end: float | None = None
+        self._eval_sums: torch.Tensor | None = None
+
+    # ---- what a subclass provides -------------------------------------------------------
+
+    def compute_losses(self, batch: dict[str, torch.Tensor]) -> Losses:
+        """Turn a collated batch into losses (subclasses implement this)."""
+        raise NotImplementedError
+
+    @property
+    def max_positions(self) -> int:
+        """Longest sequence the position embeddings can take."""
+        raise NotImplementedError
+
+    max_positions_option = "model.init_args.config.max_position_embeddings"
+
+    def to_hf(self):
+        """The transformers PreTrainedModel being trained (export saves it with save_pretrained)."""
+        return self.model
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    # ---- training -------------------------------------------------------------------------
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        losses = self.compute_losses(batch)
+        batch_size = batch["input_ids"].shape[0]
+        self.log("train/loss", losses.loss, prog_bar=True, sync_dist=True, batch_size=batch_size)
+        self.log("train/lr", self._current_lr(), batch_size=batch_size)
+        return losses.loss
+
+    def _current_lr(self) -> float:
+        optimizers = self.trainer.optimizers if self._trainer is not None else []
+        return float(optimizers[0].param_groups[0]["lr"]) if optimizers else float("nan")
+
+    def on_train_epoch_start(self) -> None:
+        self._last_batch_end = None
+
+    def on_train_batch_end(self, outputs, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        # tokens/s over the wall time between consecutive batch ends: data loading, forward,
+        # backward and optimizer step of this batch; summed over ranks for the job's throughput
+        now = time.perf_counter()
+        if self._last_batch_end is not None and now > self._last_batch_end:
+            mask = batch.get("attention_mask")
+            tokens = float(mask.sum()) if mask is not None else float(batch["input_ids"].numel())
+            self.log("train/tokens_per_s", tokens / (now - self._last_batch_end), on_step=True,
+                     on_epoch=False, sync_dist=True, reduce_fx="sum", batch_size=batch["input_ids"].shape[0])
+        self._last_batch_end = now
+
+    # ---- evaluation: token-weighted loss over the whole epoch ------------------------------
+
+    def on_validation_epoch_start(self) -> None:
+        self._last_batch_end = None  # the time spent validating is not training throughput
+        self._eval_sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+
+    on_test_epoch_start = on_validation_epoch_start
+
+    def _accumulate(self, batch: dict[str, torch.Tensor]) -> None:
+        losses = self.compute_losses(batch)
+        n = losses.n_targets.to(torch.float64)
+        if n > 0:
+            self._eval_sums += torch.stack([losses.loss.double() * n, losses.lm_loss.double() * n, n])
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._accumulate(batch)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._accumulate(batch)
+
+    def _epoch_metrics(self, stage: str) -> dict[str, float] | None:
+        """`{stage}/loss` and `{stage}/ppl`, each batch weighted by its number of predicted tokens."""
+        sums = self.trainer.strategy.reduce(self._eval_sums, reduce_op="sum")
+        loss_sum, lm_sum, n = (float(x) for x in sums)
+        if n == 0:
+            return None
+        return {f"{stage}/loss": loss_sum / n, f"{stage}/ppl": math.exp(min(lm_sum / n, 700.0))}
+
+    def on_validation_epoch_end(self) -> None:
+        metrics = self._epoch_metrics("val")
+        if metrics is None:
+            return
+        if self.trainer.sanity_checking:
+            # Lightning drops what is logged during the sanity check; write it straight to the
+            # loggers so the validation curve starts before the first training step
+            for logger in self.loggers:
+                logger.log_metrics(metrics, step=self.global_step)
+            return
+        for name, value in metrics.items():
+            self.log(name, value, prog_bar=name.endswith("loss"), sync_dist=True)
+
+    def on_test_epoch_end(self) -> None:
+        metrics = self._epoch_metrics("test")
+        if metrics is not None:
+            for name, value in metrics.items():
+                self.log(name, value, sync_dist=True)
+
+    # ---- optimizer and schedule -------------------------------------------------------------
+
+    def configure_optimizers(self):
+        optimizer = build_optimizer(
+            self.optimizer_name,
+            param_groups(self, self.weight_decay),
+            lr=self.lr,
+            betas=self.betas,
+            eps=self.eps,
+            weight_decay=self.weight_decay,
+        )
+        total = self.total_steps
+        if total is None and self.trainer.max_steps is not None and self.trainer.max_steps > 0:
+            total = self.trainer.max_steps
+        if self.schedule == "linear" and total is not None and total < self.warmup_steps:
+            from pytorch_lightning.utilities import rank_zero_warn
+
+            rank_zero_warn(f"model.init_args.warmup_steps ({self.warmup_steps}) >= total steps ({total}): "
+                           "the learning rate never reaches model.init_args.lr")
+        scheduler = build_scheduler(optimizer, self.schedule, self.warmup_steps, total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- checks -------------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is None:
+            return
+        max_seq_len = getattr(datamodule, "max_seq_len", None)
+        if max_seq_len is not None and max_seq_len > self.max_positions:
+            raise UserError(
+                f"data.max_seq_len ({max_seq_len}) is longer than the model's position embeddings "
+                f"({self.max_positions}, {self.max_positions_option}); lower data.max_seq_len or "
+                f"raise {self.max_positions_option}")
+        # JsonlDataModule keeps the path in `tokenizer_path` (its `tokenizer` is the loaded one)
+        data_tokenizer = getattr(datamodule, "tokenizer_path", None)
+        if isinstance(data_tokenizer, str) and not _same_path(data_tokenizer, self.tokenizer_path):
+            data_vocab = read_special_ids(data_tokenizer).vocab_size
+            if data_vocab != self.vocab_size:
+                raise UserError(
+                    f"data.tokenizer {data_tokenizer} has {data_vocab} tokens but the model was built for "
+                    f"tokenizer {self.tokenizer_path} with {self.vocab_size}; use the same tokenizer for both")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["convmodel"] = {"vocab_size": self.vocab_size, "tokenizer": self.tokenizer_path}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # runs before the state dict is loaded, so a mismatch ends in one message, not a wall
+        # of size-mismatch lines
+        saved = checkpoint.get("convmodel", {})
+        if saved.get("vocab_size") is not None and saved["vocab_size"] != self.vocab_size:
+            raise UserError(
+                f"the checkpoint was trained with tokenizer {saved.get('tokenizer')} ({saved['vocab_size']} "
+                f"tokens) but data.tokenizer is {self.tokenizer_path} ({self.vocab_size} tokens); set "
+                f"data.tokenizer to the checkpoint's tokenizer, or start a new run without --ckpt_path")
+        own = self.state_dict()
+        mismatched = [
+            f"{name}: checkpoint {tuple(value.shape)} vs model {tuple(own[name].shape)}"
+            for name, value in checkpoint.get("state_dict", {}).items()
+            if name in own and hasattr(value, "shape") and value.shape != own[name].shape
+        ]
+        if mismatched:
+            more = f" (and {len(mismatched) - 3} more)" if len(mismatched) > 3 else ""
+            raise UserError(
+                "the checkpoint does not fit the model: " + "; ".join(mismatched[:3]) + more
+                + "; use the model.init_args.config the checkpoint was trained with")
+
+
+def _same_path(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
