@@ -20,6 +20,7 @@ setup(
         "jsonargparse[signatures]>=4.32",
         "transformers>=5.0",
         "tokenizers>=0.20",
+        "huggingface_hub>=1.0",
         "sentencepiece>=0.2",
         "protobuf",
         "hivemind>=1.1.10",
@@ -36,6 +37,8 @@ setup(
             "convmodel-train=convmodel.cli:main",
             "convmodel-train-tokenizer=convmodel.tokenization:main",
             "convmodel-prepare-data=convmodel.data.prepare:main",
+            "convmodel-export=convmodel.export:main",
+            "convmodel-fill-mask=convmodel.export:fill_mask_main",
         ],
     },
 )
