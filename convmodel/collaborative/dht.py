@@ -1,0 +1,168 @@
+"""The peer's entry into the swarm: check addresses, raise the open-files limit, start the DHT.
+
+Every mistake here would otherwise surface as a hang or a Go daemon's traceback, so each
+address is parsed up front and an unreachable initial peer ends in one message within
+`bootstrap_timeout` seconds.
+"""
+
+import logging
+import os
+import resource
+import sys
+
+from convmodel.errors import UserError
+
+INITIAL_PEERS_ENV = "CONVMODEL_INITIAL_PEERS"
+OPEN_FILES_WANTED = 16384  # every anchor's README tells users to run `ulimit -n 16384`
+
+
+def raise_open_files_limit(wanted: int = OPEN_FILES_WANTED) -> int:
+    """Raise the soft RLIMIT_NOFILE toward `wanted` (never above the hard limit); returns the new soft limit.
+
+    hivemind keeps a socket and a stream per peer and part; the default soft limit of 1024 ends
+    in "Too many open files" as a swarm grows (learning-at-home/hivemind#312).
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def parse_peer_list(value: list[str] | str | None, option: str) -> list[str]:
+    """A list of addresses from YAML/CLI (a list, one string, or whitespace/comma separated)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = value.replace(",", " ").split()
+    if not isinstance(value, list | tuple) or not all(isinstance(item, str) for item in value):
+        raise UserError(f"{option}: expected a list of multiaddrs, got {value!r}")
+    return [item.strip() for item in value if item.strip()]
+
+
+def check_multiaddrs(addresses: list[str], option: str, need_peer_id: bool) -> list[str]:
+    """Parse each address with hivemind's multiaddr parser; gather every problem into one UserError."""
+    from hivemind.utils.multiaddr import Multiaddr
+
+    problems = []
+    for address in addresses:
+        try:
+            protocols = [p.name for p in Multiaddr(address).protocols()]
+        except Exception as exc:  # the parser raises ValueError subclasses and codec errors
+            problems.append(f"{address!r} is not a multiaddr ({exc})")
+            continue
+        if need_peer_id and "p2p" not in protocols:
+            problems.append(f"{address!r} has no /p2p/<peer id> part; copy the whole address the first peer printed")
+    if problems:
+        example = "/ip4/203.0.113.5/tcp/31337/p2p/12D3KooW..."
+        raise UserError(f"{option}: " + "; ".join(problems) + f" (a peer address looks like {example})")
+    return addresses
+
+
+def resolve_initial_peers(initial_peers: list[str] | str | None) -> list[str]:
+    """`initial_peers` from the config, else from $CONVMODEL_INITIAL_PEERS; each one checked."""
+    option = "trainer.strategy.init_args.initial_peers"
+    peers = parse_peer_list(initial_peers, option)
+    if not peers and os.environ.get(INITIAL_PEERS_ENV):
+        option = f"${INITIAL_PEERS_ENV}"
+        peers = parse_peer_list(os.environ[INITIAL_PEERS_ENV], option)
+    return check_multiaddrs(peers, option, need_peer_id=True)
+
+
+class _DropDeadSenderErrors(logging.Filter):
+    """Drop the DHT's error about a request whose sending process exited before the DHT read it.
+
+    At shutdown hivemind's averager processes stop while requests they sent still wait in the
+    DHT's pipe; unpickling one needs the dead sender's fd and ends in a logged traceback
+    (resource_sharer: FileNotFoundError / ConnectionResetError). The request no longer has
+    anyone to answer, so the traceback tells the user nothing.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        tb = record.exc_info[2] if record.exc_info else None
+        while tb is not None:
+            if tb.tb_frame.f_code.co_filename.endswith("resource_sharer.py"):
+                return False
+            tb = tb.tb_next
+        return True
+
+
+def _quiet_dead_sender_errors() -> None:
+    dht_logger = logging.getLogger("hivemind.dht.dht")
+    if not any(isinstance(f, _DropDeadSenderErrors) for f in dht_logger.filters):
+        dht_logger.addFilter(_DropDeadSenderErrors())  # before the DHT forks, so its process inherits it
+
+
+def start_dht(
+    initial_peers: list[str],
+    host_maddrs: list[str],
+    announce_maddrs: list[str] | None,
+    identity_path: str | None,
+    client_mode: bool,
+    use_ipfs: bool,
+    use_relay: bool,
+    use_auto_relay: bool,
+    nat_port_map: bool,
+    auto_nat: bool,
+    bootstrap_timeout: float,
+    record_validators: list = (),
+):
+    """Start a hivemind.DHT, turning "could not reach the initial peers" into one UserError."""
+    import hivemind
+
+    raise_open_files_limit()
+    _quiet_dead_sender_errors()
+    if identity_path:
+        os.makedirs(os.path.dirname(os.path.abspath(identity_path)), exist_ok=True)
+    try:
+        return hivemind.DHT(
+            initial_peers=initial_peers,
+            host_maddrs=host_maddrs,
+            announce_maddrs=announce_maddrs,
+            identity_path=identity_path,
+            client_mode=client_mode,
+            use_ipfs=use_ipfs,
+            use_relay=use_relay,
+            use_auto_relay=use_auto_relay,
+            nat_port_map=nat_port_map,
+            auto_nat=auto_nat,
+            record_validators=list(record_validators),
+            wait_timeout=bootstrap_timeout,
+            bootstrap_timeout=bootstrap_timeout,
+            startup_timeout=bootstrap_timeout,
+            start=True,
+        )
+    except Exception as exc:
+        if initial_peers and "bootstrap" in str(exc).lower():
+            raise UserError(
+                f"trainer.strategy.init_args.initial_peers: none of {initial_peers} answered within "
+                f"{bootstrap_timeout:g} s (bootstrap_timeout). Check that the first peer is running, that the "
+                "address is the one it printed (the port changes on every start unless host_maddrs fixes it), "
+                "and that its port is reachable from here") from exc
+        if "identity" in str(exc).lower():
+            raise UserError(f"trainer.strategy.init_args.identity_path: {exc}; give each peer its own "
+                            "identity file") from exc
+        raise UserError(f"trainer.strategy: could not start the DHT: {exc} (check host_maddrs "
+                        f"{host_maddrs} and announce_maddrs {announce_maddrs})") from exc
+
+
+def announce_addresses(dht, peers_file: str | None) -> list[str]:
+    """Print the addresses other peers should pass as initial_peers, and write them to `peers_file`."""
+    addresses = [str(a) for a in dht.get_visible_maddrs()]
+    lines = "\n".join(f"  {a}" for a in addresses)
+    print(f"[convmodel] this peer's id is {dht.peer_id}. Other peers join with\n"
+          f"  --trainer.strategy.init_args.initial_peers '[{', '.join(addresses)}]'\n"
+          f"(or export CONVMODEL_INITIAL_PEERS=\"{' '.join(addresses)}\"); the addresses:\n{lines}",
+          flush=True)
+    if peers_file:
+        os.makedirs(os.path.dirname(os.path.abspath(peers_file)), exist_ok=True)
+        tmp = f"{peers_file}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write("\n".join(addresses) + "\n")
+        os.replace(tmp, peers_file)  # atomic: a reader never sees half a file
+    sys.stdout.flush()
+    return addresses

@@ -1,0 +1,247 @@
+"""HivemindStrategy with real peers on 127.0.0.1: trainer processes started from the CLI as users start them.
+
+Every wait polls a file or a log line with a deadline; every child process is killed in `finally`.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("hivemind")
+
+from convmodel.cli import main  # noqa: E402
+from convmodel.data import prepare_train_data  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "collaborative" / "bert-tiny.yaml"
+TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
+             "max_position_embeddings": 64}
+STARTUP_S = 120  # a peer on a loaded 2-core machine: imports, DHT, model (usually 10-20 s)
+STRATEGY = "--trainer.strategy.init_args."
+
+
+@pytest.fixture(scope="module")
+def shards(text_corpus, tokenizer_dir, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("collab-shards")
+    for split in ("train", "valid"):
+        prepare_train_data(text_corpus[split], tokenizer_dir, str(root / split), objective="mlm", max_seq_len=64,
+                           num_workers=1, progress=False)
+    return root
+
+
+def peer_args(shards: Path, tokenizer_dir: str, **strategy) -> list[str]:
+    """The shipped collaborative config with a tiny model, our shards and per-peer strategy options."""
+    args = ["--config", str(CONFIG),
+            "--data.tokenizer", tokenizer_dir,
+            "--data.train_files", str(shards / "train" / "part-*.jsonl"),
+            "--data.val_files", str(shards / "valid" / "part-*.jsonl"), "--data.test_files", "null",
+            "--data.max_seq_len", "64", "--data.batch_size", "8", "--data.shuffle_buffer_size", "100",
+            "--model.init_args.config", json.dumps(TINY_BERT), "--model.init_args.warmup_steps", "2",
+            "--model.init_args.total_steps", "50",
+            "--trainer.max_steps", "3000", "--trainer.val_check_interval", "1000000",
+            "--trainer.limit_val_batches", "2", "--trainer.num_sanity_val_steps", "0",
+            "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false",
+            "--trainer.logger.init_args.save_dir", "runs",
+            "--trainer.callbacks", json.dumps([{
+                "class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
+                "init_args": {"dirpath": "checkpoints", "save_last": True, "every_n_train_steps": 1,
+                              "save_top_k": 0}}])]
+    for name, value in strategy.items():
+        args += [STRATEGY + name, value if isinstance(value, str) else json.dumps(value)]
+    return args
+
+
+class Peer:
+    """One trainer.py process in its own directory; its output goes to a log file we poll."""
+
+    def __init__(self, workdir: Path, args: list[str]):
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir, self.log_path = workdir, workdir / "output.log"
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+               "PYTHONUNBUFFERED": "1"}
+        env.pop("CONVMODEL_INITIAL_PEERS", None)
+        self.log = open(self.log_path, "w")
+        self.process = subprocess.Popen([sys.executable, str(REPO / "trainer" / "trainer.py"), *args], cwd=workdir,
+                                        env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match:
+        """The first match of `pattern` in the output; fails if the process exits first or time runs out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = re.search(pattern, self.output())
+            if match:
+                return match
+            if self.process.poll() is not None:
+                match = re.search(pattern, self.output())
+                if match:
+                    return match
+                pytest.fail(f"peer in {self.workdir} exited ({self.process.returncode}) before printing "
+                            f"{pattern!r}:\n{self.output()[-4000:]}")
+            time.sleep(0.2)
+        pytest.fail(f"peer in {self.workdir} printed no {pattern!r} within {timeout} s:\n{self.output()[-4000:]}")
+
+    def wait_exit(self, timeout: float) -> int:
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"peer in {self.workdir} still running after {timeout} s:\n{self.output()[-4000:]}")
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, 9)  # its DHT, averagers and p2pd daemon share the session
+            self.process.wait(timeout=30)
+        else:
+            try:
+                os.killpg(self.process.pid, 9)  # leftovers of a peer that exited
+            except ProcessLookupError:
+                pass
+        self.log.close()
+
+
+def wait_for_file(path: Path, peer: Peer, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text().strip():
+            return path.read_text()
+        if peer.process.poll() is not None:
+            pytest.fail(f"peer exited ({peer.process.returncode}) before writing {path}:\n{peer.output()[-4000:]}")
+        time.sleep(0.2)
+    pytest.fail(f"no {path} within {timeout} s:\n{peer.output()[-4000:]}")
+
+
+def checkpoint(peer: Peer) -> dict:
+    return torch.load(peer.workdir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+
+
+def scalars(peer: Peer, tag: str) -> list[tuple[int, float]]:
+    from convmodel.run_summary import latest_version_dir, read_scalars
+
+    return read_scalars(latest_version_dir(str(peer.workdir / "runs")), tag)
+
+
+# ---- bad inputs: one clear error each ----------------------------------------------------------
+
+
+def run_cli_error(args: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.mark.timeout(60)
+def test_malformed_initial_peer_is_one_error(shards, tokenizer_dir, capsys):
+    err = run_cli_error(peer_args(shards, tokenizer_dir, initial_peers="/ip4/127.0.0.1/tcp/notaport/p2p/x"), capsys)
+    assert "initial_peers" in err and "is not a multiaddr" in err and "/ip4/127.0.0.1/tcp/notaport" in err
+
+
+@pytest.mark.timeout(60)
+def test_initial_peer_without_peer_id_is_one_error(shards, tokenizer_dir, capsys):
+    err = run_cli_error(peer_args(shards, tokenizer_dir, initial_peers=["/ip4/127.0.0.1/tcp/4001"]), capsys)
+    assert "has no /p2p/<peer id> part" in err
+
+
+@pytest.mark.timeout(60)
+def test_malformed_peer_in_environment_names_the_variable(shards, tokenizer_dir, capsys, monkeypatch):
+    monkeypatch.setenv("CONVMODEL_INITIAL_PEERS", "ip4/10.0.0.1/tcp/1")
+    err = run_cli_error(peer_args(shards, tokenizer_dir), capsys)
+    assert "$CONVMODEL_INITIAL_PEERS" in err and "Must begin with /" in err
+
+
+@pytest.mark.timeout(60)
+def test_run_id_with_a_dot_is_one_error(shards, tokenizer_dir, capsys):
+    err = run_cli_error(peer_args(shards, tokenizer_dir, run_id="bert.v2"), capsys)
+    assert "run_id 'bert.v2' must not contain dots" in err and "bert_v2" in err
+
+
+@pytest.mark.timeout(60)
+def test_two_devices_per_peer_is_one_error(shards, tokenizer_dir, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    err = run_cli_error([*peer_args(shards, tokenizer_dir), "--trainer.accelerator", "cpu",
+                         "--trainer.devices", "2"], capsys)
+    assert "trainer.devices" in err and "one device per peer" in err
+
+
+@pytest.mark.timeout(120)
+def test_unreachable_initial_peer_fails_within_the_bootstrap_timeout(shards, tokenizer_dir, capsys, tmp_path,
+                                                                     monkeypatch):
+    import socket
+
+    from hivemind.p2p import PeerID
+
+    monkeypatch.chdir(tmp_path)
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nobody = f"/ip4/127.0.0.1/tcp/{port}/p2p/{PeerID.from_base58('QmcTrNP2CDwuUPnYd3mdXHNbYTSM5aqKnD3mnYGDcGtTHu')}"
+    started = time.monotonic()
+    err = run_cli_error(peer_args(shards, tokenizer_dir, initial_peers=[nobody], bootstrap_timeout=5), capsys)
+    assert time.monotonic() - started < 90
+    assert "none of" in err and "answered within 5 s" in err and nobody in err
+
+
+# ---- two peers from the CLI ------------------------------------------------------------------------
+
+LAST_EPOCH = 20
+SWARM = dict(target_batch_size=128, max_collaborative_epochs=LAST_EPOCH, matchmaking_time=1.0,
+             averaging_timeout=20.0, next_chunk_timeout=5.0)
+
+
+@pytest.mark.timeout(400)
+def test_two_peers_from_the_cli_train_in_lockstep_and_end_with_equal_parameters(shards, tokenizer_dir, tmp_path):
+    first = second = None
+    try:
+        first = Peer(tmp_path / "first", peer_args(shards, tokenizer_dir, peers_file="peers.txt", **SWARM))
+        address = wait_for_file(tmp_path / "first" / "peers.txt", first, STARTUP_S).split()[0]
+        assert address.startswith("/ip4/127.0.0.1/tcp/") and "/p2p/12D3KooW" in address
+        first.wait_for(r"Other peers join with\n  --trainer.strategy.init_args.initial_peers '\[/ip4/127.0.0.1/", 10)
+        # the second peer joins late, once the first has taken a collaborative step alone. The first's
+        # training process is paused (SIGSTOP; its DHT keeps answering) while the second starts, which
+        # takes 10-40 s on a loaded 2-core machine: the first must not finish alone meanwhile
+        first.wait_for(r"collaborative epoch 1 \(", 120)
+        os.kill(first.process.pid, signal.SIGSTOP)
+        try:
+            second = Peer(tmp_path / "second", peer_args(shards, tokenizer_dir, initial_peers=[address], **SWARM))
+            second.wait_for(r"this peer's id is", STARTUP_S)  # bootstrapped through the first's DHT
+        finally:
+            os.kill(first.process.pid, signal.SIGCONT)
+        joined = int(second.wait_for(r"joined run 'bert_tiny' at collaborative epoch (\d+)", STARTUP_S).group(1))
+        assert second.wait_exit(240) == 0, second.output()[-4000:]
+        assert first.wait_exit(60) == 0, first.output()[-4000:]
+    finally:
+        for peer in (first, second):
+            if peer is not None:
+                peer.kill()
+    for peer in (first, second):
+        # a clean exit: nothing after the last epoch but Lightning's own lines (no multiprocessing tracebacks)
+        teardown = peer.output().split(f"collaborative epoch {LAST_EPOCH} (")[-1]
+        assert "Traceback" not in teardown and "[ERROR]" not in teardown, teardown[-3000:]
+    assert 1 <= joined < LAST_EPOCH
+    ckpts = checkpoint(first), checkpoint(second)
+    # both stopped at the same collaborative epoch, in rounds of two peers
+    assert [c["optimizer_states"][0]["state"]["local_epoch"] for c in ckpts] == [LAST_EPOCH, LAST_EPOCH]
+    assert max(v for _, v in scalars(second, "collab/peers")) == 2
+    together = re.findall(r"collaborative epoch (\d+) \(2 peers", second.output())
+    assert len(together) >= (LAST_EPOCH - joined) // 2, second.output()[-3000:]
+    # no averaging round lost a part; at most the round during the join failed to form a group
+    for peer in (first, second):
+        assert "of input tensors" not in peer.output()
+        assert len(re.findall(r"\[ERROR\].*Averaging step failed", peer.output())) <= 1, peer.output()[-3000:]
+    # after the last round the parameters are equal within the fp16 error of the averaged gradients
+    first_params, second_params = (c["state_dict"] for c in ckpts)
+    for name, value in first_params.items():
+        torch.testing.assert_close(value, second_params[name], atol=2e-3, rtol=2e-3, msg=name)
