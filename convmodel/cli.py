@@ -57,6 +57,7 @@ class ConvmodelCLI(LightningCLI):
     """
 
     def __init__(self, *args, **kwargs):
+        import convmodel.collaborative  # noqa: F401  (registers `trainer.strategy: hivemind`)
         from convmodel.data import JsonlDataModule
         from convmodel.models import PretrainingModule
 
