@@ -47,6 +47,7 @@ demo: install
 bench: install
 	$(PY) bench/lightning_vs_bare.py
 	$(PY) bench/data_pipeline.py
+	$(PY) bench/lean_albert_memory.py
 
 clean:
 	rm -rf $(VENV) runs work

@@ -170,8 +170,9 @@ class PretrainingModule(pl.LightningModule):
         now = time.perf_counter()
         if self._last_batch_end is not None and now > self._last_batch_end:
             mask = batch.get("attention_mask")
-            tokens = float(mask.sum()) if mask is not None else float(batch["input_ids"].numel())
-            self.log("train/tokens_per_s", tokens / (now - self._last_batch_end), on_step=True,
+            # a tensor, not a float: no device sync on every step
+            tokens = mask.sum() if mask is not None else torch.tensor(float(batch["input_ids"].numel()))
+            self.log("train/tokens_per_s", tokens.float() / (now - self._last_batch_end), on_step=True,
                      on_epoch=False, sync_dist=True, reduce_fx="sum", batch_size=batch["input_ids"].shape[0])
         self._last_batch_end = now
 
