@@ -267,7 +267,16 @@ class PretrainingModule(pl.LightningModule):
                     f"tokenizer {self.tokenizer_path} with {self.vocab_size}; use the same tokenizer for both")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["convmodel"] = {"vocab_size": self.vocab_size, "tokenizer": self.tokenizer_path}
+        # Lightning keeps no logged metrics in checkpoints; export's model card reads them here
+        metrics = {} if self._trainer is None else {
+            name: float(value) for name, value in self.trainer.callback_metrics.items()
+            if name.startswith(("val/", "train/loss")) and value.numel() == 1}
+        checkpoint["convmodel"] = {
+            "vocab_size": self.vocab_size,
+            "tokenizer": self.tokenizer_path,
+            "class_path": f"{type(self).__module__}.{type(self).__qualname__}",
+            "metrics": metrics,
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # runs before the state dict is loaded, so a mismatch ends in one message, not a wall
