@@ -29,13 +29,17 @@ def metrics_schema():
     return LocalMetrics, MetricsSchema
 
 
-def metrics_validators(run_id: str):
-    """(record validators for the DHT, this peer's signature validator) for `{run_id}_metrics`."""
+def metrics_validators(run_id: str, private_key=None):
+    """(record validators for the DHT, this peer's signature validator) for `{run_id}_metrics`.
+
+    `private_key` (a hivemind RSAPrivateKey) defaults to the process-wide key hivemind makes for each
+    process, so two trainer processes sign as two peers.
+    """
     from hivemind.dht.crypto import RSASignatureValidator
     from hivemind.dht.schema import SchemaValidator
 
     _, schema = metrics_schema()
-    signer = RSASignatureValidator()
+    signer = RSASignatureValidator(private_key)
     return [SchemaValidator(schema, prefix=run_id), signer], signer
 
 

@@ -11,7 +11,9 @@ together reach `target_batch_size` they average gradients, take one optimizer st
 import copy
 import inspect
 import math
+import signal
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -51,6 +53,9 @@ class HivemindStrategy(SingleDeviceStrategy):
         load_state_timeout: Seconds to wait for a peer to send the swarm's state when joining.
         next_chunk_timeout: Seconds to wait for each part of a tensor during averaging; default matchmaking_time.
         bootstrap_timeout: Seconds to wait for initial_peers to answer before giving up with an error.
+        metadata_expiration: Seconds a peer's progress report stays valid; a killed or disconnected peer is
+            counted (and waited for in averaging, up to averaging_timeout per round) until its report expires.
+            Live peers renew theirs every metadata_expiration / 2 seconds.
         grad_compression: Gradient compression for averaging: none, fp16, uint8 or size-adaptive
             (fp16 below 65536 elements, uint8 above).
         state_averaging_compression: Compression for averaging parameters and optimizer state (same choices).
@@ -90,6 +95,7 @@ class HivemindStrategy(SingleDeviceStrategy):
         load_state_timeout: float = 600.0,
         next_chunk_timeout: float | None = None,
         bootstrap_timeout: float = 30.0,
+        metadata_expiration: float = 60.0,
         grad_compression: CompressionName = "fp16",
         state_averaging_compression: CompressionName = "fp16",
         offload_optimizer: bool = False,
@@ -118,7 +124,7 @@ class HivemindStrategy(SingleDeviceStrategy):
         self.nat_port_map, self.auto_nat = nat_port_map, auto_nat
         self.matchmaking_time, self.averaging_timeout = matchmaking_time, averaging_timeout
         self.load_state_timeout, self.next_chunk_timeout = load_state_timeout, next_chunk_timeout
-        self.bootstrap_timeout = bootstrap_timeout
+        self.bootstrap_timeout, self.metadata_expiration = bootstrap_timeout, metadata_expiration
         self.grad_compression, self.state_averaging_compression = grad_compression, state_averaging_compression
         self.offload_optimizer, self.delay_optimizer_step = offload_optimizer, delay_optimizer_step
         self.delay_grad_averaging, self.delay_state_averaging = delay_grad_averaging, delay_state_averaging
@@ -138,6 +144,8 @@ class HivemindStrategy(SingleDeviceStrategy):
         self._pending_stores: list = []  # DHT stores in flight; finished before the DHT shuts down
         self.skipped_steps = 0
         self.restored_backups = 0
+        self._previous_sigint = None
+        self._stop_requested = False
 
     def check_options(self) -> None:
         """Check every option at once and resolve the addresses; one UserError lists all problems.
@@ -160,6 +168,7 @@ class HivemindStrategy(SingleDeviceStrategy):
                 problems.append(f"{name} must be an integer >= {low}, got {value!r}")
         for name, value in (("matchmaking_time", self.matchmaking_time), ("averaging_timeout", self.averaging_timeout),
                             ("load_state_timeout", self.load_state_timeout), ("bootstrap_timeout", self.bootstrap_timeout),
+                            ("metadata_expiration", self.metadata_expiration),
                             ("next_chunk_timeout", self.next_chunk_timeout), ("bandwidth", self.bandwidth)):
             if value is not None and not value > 0:
                 problems.append(f"{name} must be > 0, got {value!r}")
@@ -210,6 +219,37 @@ class HivemindStrategy(SingleDeviceStrategy):
                             "Lightning yet; use precision: bf16-mixed (or 32)")
         super().setup(trainer)
 
+    # ---- Ctrl-C ---------------------------------------------------------------------------------
+
+    def _handle_ctrl_c(self, previous) -> None:
+        """Ctrl-C: finish the current step, say goodbye to the swarm and exit; a second Ctrl-C stops at once.
+
+        hivemind's averagers set SIGINT to "ignore" in this process before they fork and never put it
+        back, so Ctrl-C would do nothing; and a KeyboardInterrupt raised inside a hivemind call can leave
+        a lock held that the goodbye then waits on forever. So the first Ctrl-C only asks the trainer
+        to stop after this batch (a clean leave the others notice within one matchmaking round).
+        """
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self._previous_sigint = previous if previous is not None else signal.default_int_handler
+
+        def on_ctrl_c(signum, frame):
+            trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+            if self._stop_requested or trainer is None:
+                signal.signal(signal.SIGINT, self._previous_sigint)
+                raise KeyboardInterrupt
+            self._stop_requested = True
+            trainer.should_stop = True
+            print("[convmodel] Ctrl-C: leaving the swarm after this step (Ctrl-C again to stop at once)",
+                  file=sys.stderr, flush=True)
+
+        signal.signal(signal.SIGINT, on_ctrl_c)
+
+    def _restore_ctrl_c(self) -> None:
+        previous, self._previous_sigint = self._previous_sigint, None
+        if previous is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, previous)
+
     # ---- the optimizer ------------------------------------------------------------------------
 
     @override
@@ -221,9 +261,16 @@ class HivemindStrategy(SingleDeviceStrategy):
         module_optimizer = self.optimizers[0]
         scheduler = self.lr_scheduler_configs[0].scheduler if self.lr_scheduler_configs else None
         clip_val, clip_algorithm = trainer.gradient_clip_val, trainer.gradient_clip_algorithm
-        self._start_dht()
-        self.hivemind_optimizer = self._make_hivemind_optimizer(module_optimizer, scheduler, clip_val,
-                                                                str(clip_algorithm or "norm"))
+        sigint_handler = signal.getsignal(signal.SIGINT)
+        try:
+            self._start_dht()
+            self.hivemind_optimizer = self._make_hivemind_optimizer(module_optimizer, scheduler, clip_val,
+                                                                    str(clip_algorithm or "norm"))
+        finally:
+            if self.hivemind_optimizer is not None:
+                self._handle_ctrl_c(sigint_handler)
+            elif sigint_handler is not None and threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGINT, sigint_handler)  # a failed start: leave Ctrl-C as it was
         # hivemind steps the schedule once per collaborative epoch; Lightning must not step it per batch
         self.optimizers = [self.hivemind_optimizer]
         self.lr_scheduler_configs = []
@@ -284,6 +331,7 @@ class HivemindStrategy(SingleDeviceStrategy):
             state_averaging_compression=build_compression(self.state_averaging_compression,
                                                           "state_averaging_compression"),
             grad_averager_factory=grad_averager_factory,
+            tracker_opts={"metadata_expiration": self.metadata_expiration},
             averager_opts=averager_opts,
             verbose=self.verbose,
         )
@@ -347,6 +395,9 @@ class HivemindStrategy(SingleDeviceStrategy):
         samples, self._samples_since_step = self._samples_since_step, 0
         if self._non_finite_loss or not _grads_finite(opt):
             self._skip_step(opt)
+            # non-finite parameters make every later loss non-finite too: skipping alone would stall forever
+            if not _params_finite(opt):
+                self._restore_backup(opt)
         else:
             opt.step(batch_size=max(samples, 1))
         self._after_step(opt, trainer)
@@ -371,12 +422,14 @@ class HivemindStrategy(SingleDeviceStrategy):
         if self._epoch_seen is None or epoch == self._epoch_seen:
             return
         now = time.perf_counter()
-        if self._epoch_started_at is not None and epoch == self._epoch_seen + 1:
-            self._swarm_samples_per_second = self.target_batch_size / max(now - self._epoch_started_at, 1e-9)
+        seconds = now - self._epoch_started_at if self._epoch_started_at is not None else float("nan")
+        if epoch == self._epoch_seen + 1:
+            self._swarm_samples_per_second = self.target_batch_size / max(seconds, 1e-9)
         self._epoch_seen, self._epoch_started_at = epoch, now
         peers = opt.tracker.global_progress.num_peers
+        # the seconds since the previous epoch line: a stalled swarm shows here first
         print(f"[convmodel] collaborative epoch {epoch} ({peers} peer{'s' if peers != 1 else ''}, "
-              f"lr {opt.param_groups[0]['lr']:.3g})", flush=True)
+              f"lr {opt.param_groups[0]['lr']:.3g}, {seconds:.2f} s)", flush=True)
         if not _params_finite(opt):
             self._restore_backup(opt)
         elif self.backup_every_epochs and epoch % self.backup_every_epochs == 0:
@@ -460,6 +513,7 @@ class HivemindStrategy(SingleDeviceStrategy):
         self._pending_stores = []
         if dht is not None:
             dht.shutdown()
+        self._restore_ctrl_c()
         super().teardown()
 
     @classmethod
