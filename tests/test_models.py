@@ -141,7 +141,7 @@ def test_config_typos_and_tokenizer_keys_are_refused_together(tokenizer):
     assert "model.init_args.config" in message and "hidden_sizes" in message and "vocab_size" in message
 
 
-def test_hyperparameters_rebuild_the_module(tokenizer, tmp_path):
+def test_hyperparameters_rebuild_the_module(tokenizer):
     module = Gpt2Pretraining(tokenizer, config=TINY_GPT2, lr=3e-4, optimizer="lamb")
     assert module.hparams["config"] == TINY_GPT2 and module.hparams["lr"] == 3e-4
     assert module.hparams["optimizer"] == "lamb"

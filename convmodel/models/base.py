@@ -174,6 +174,8 @@ class PretrainingModule(pl.LightningModule):
             tokens = mask.sum() if mask is not None else torch.tensor(float(batch["input_ids"].numel()))
             self.log("train/tokens_per_s", tokens.float() / (now - self._last_batch_end), on_step=True,
                      on_epoch=False, sync_dist=True, reduce_fx="sum", batch_size=batch["input_ids"].shape[0])
+        if self.device.type == "cpu" and batch_idx % 50 == 0:
+            release_free_heap()
         self._last_batch_end = now
 
     # ---- evaluation: token-weighted loss over the whole epoch ------------------------------
@@ -298,6 +300,31 @@ class PretrainingModule(pl.LightningModule):
             raise UserError(
                 "the checkpoint does not fit the model: " + "; ".join(mismatched[:3]) + more
                 + "; use the model.init_args.config the checkpoint was trained with")
+
+
+_libc = None
+
+
+def release_free_heap() -> None:
+    """Give freed heap memory back to the OS (glibc; elsewhere there is nothing to do).
+
+    On CPU, batch shapes that change every step (padding to the longest sample, a varying
+    number of masked tokens) fragment glibc's heap: bert-tiny's resident memory grew by about
+    2 MB a step, to 2.4 GB after 800 steps, while its live tensors stayed under 100 MB.
+    Trimming every 50 steps keeps it near 600 MB at no measurable cost in speed.
+    """
+    global _libc
+    if _libc is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _libc.malloc_trim  # noqa: B018  (musl, macOS and Windows have none)
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc:
+        _libc.malloc_trim(0)
 
 
 def _same_path(a: str, b: str) -> bool:
