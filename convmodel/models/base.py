@@ -14,6 +14,7 @@ from typing import Literal, NamedTuple
 
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 
 from convmodel.errors import UserError
 from convmodel.optim import build_optimizer, build_scheduler, param_groups
@@ -133,6 +134,29 @@ class PretrainingModule(pl.LightningModule):
     def compute_losses(self, batch: dict[str, torch.Tensor]) -> Losses:
         """Turn a collated batch into losses (subclasses implement this)."""
         raise NotImplementedError
+
+    def masked_lm_losses(self, hidden: torch.Tensor, batch: dict[str, torch.Tensor], lm_head, sop_logits=None) -> Losses:
+        """MLM loss on the masked positions only (+ SOP for objective sop), shared by the encoder families.
+
+        `lm_head` maps (N, H) -> (N, V); `sop_logits()` gives the (B, 2) sentence-order logits.
+        Projecting only the ~15% masked tokens onto the vocabulary is the point: with a small
+        hidden size and an 8k vocabulary that projection costs more than the encoder.
+        """
+        labels = batch["labels"]  # (B, T), -100 where not masked
+        targets = labels != -100
+        n_targets = targets.sum()
+        if n_targets > 0:
+            logits = lm_head(hidden[targets])  # (N, V), N = masked tokens
+            lm_loss = F.cross_entropy(logits.float(), labels[targets])
+        else:  # no masked token: zero loss that still reaches every parameter (no NaN)
+            lm_loss = hidden.sum() * 0.0
+        if self.objective != "sop":
+            return Losses(lm_loss, lm_loss, n_targets)
+        if "sentence_order_label" not in batch:
+            raise UserError("objective sop needs 'sentence_order_label' in every batch; prepare the shards "
+                            "with objective sop (prepare_train_data.py --objective sop)")
+        sop_loss = F.cross_entropy(sop_logits().float(), batch["sentence_order_label"].view(-1))
+        return Losses(lm_loss + sop_loss, lm_loss, n_targets)
 
     @property
     def max_positions(self) -> int:

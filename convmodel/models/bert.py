@@ -7,7 +7,6 @@ costs more than the encoder itself.
 """
 
 import torch
-import torch.nn.functional as F
 
 from convmodel.errors import UserError
 from convmodel.models.base import Losses, PretrainingModule, make_hf_config
@@ -51,23 +50,9 @@ class BertPretraining(PretrainingModule):
             attention_mask=batch.get("attention_mask"),
             token_type_ids=batch.get("token_type_ids"),
         )
-        hidden = out[0]  # (B, T, H)
-        labels = batch["labels"]  # (B, T), -100 where not masked
-        targets = labels != -100
-        n_targets = targets.sum()
-        if n_targets > 0:
-            logits = self.model.cls.predictions(hidden[targets])  # (N, V), N = masked tokens
-            lm_loss = F.cross_entropy(logits.float(), labels[targets])
-        else:  # no masked token: zero loss that still reaches every parameter (no NaN)
-            lm_loss = hidden.sum() * 0.0
-        if self.objective != "sop":
-            return Losses(lm_loss, lm_loss, n_targets)
-        if "sentence_order_label" not in batch:
-            raise UserError("objective sop needs 'sentence_order_label' in every batch; prepare the shards "
-                            "with objective sop (prepare_train_data.py --objective sop)")
-        sop_logits = self.model.cls.seq_relationship(out[1])  # (B, 2) from the pooled [CLS]
-        sop_loss = F.cross_entropy(sop_logits.float(), batch["sentence_order_label"].view(-1))
-        return Losses(lm_loss + sop_loss, lm_loss, n_targets)
+        # for sop, the next-sentence head on the pooled [CLS] predicts the order: (B, 2)
+        return self.masked_lm_losses(out[0], batch, self.model.cls.predictions,
+                                     lambda: self.model.cls.seq_relationship(out[1]))
 
 
 # A small default for smoke runs; real configs (configs/bert-base.yaml) spell every size out.
