@@ -6,7 +6,7 @@ Same module, same batch, same optimizer and schedule; the bare loop calls the mo
 that machine noise hits both alike; the ratio of medians and the median of per-round ratios
 are reported. Target: <= 1.05.
 
-    python bench/lightning_vs_bare.py [--steps 60] [--rounds 5] [--batch_size 32]
+    python bench/lightning_vs_bare.py [--steps 40] [--rounds 9] [--batch_size 32]
 """
 
 import argparse
@@ -72,9 +72,9 @@ def bare_seconds_per_step(module, batch, steps: int, warmup: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--batch_size", type=int, default=32)
     args = parser.parse_args()
 
