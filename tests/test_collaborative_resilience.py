@@ -125,10 +125,9 @@ def test_survivors_keep_training_when_a_peer_leaves_cleanly_and_when_one_is_kill
     assert all(r["epoch"] >= together_at - 1 and r["mini_steps"] > 0 and r["samples_per_second"] > 0
                for r in records.values()), records
     goodbye = second.output().split("Ctrl-C: leaving the swarm")[-1]
-    # a known hivemind teardown race, not fixed yet: the DHT process sometimes dies on a request
-    # from an averager process that already exited (EOFError in multiprocessing's resource_sharer)
-    tracebacks = goodbye.split("Traceback (most recent call last):")[1:]
-    assert not [t for t in tracebacks if "resource_sharer.py" not in t], goodbye[-4000:]
+    # a clean leave prints no traceback (dht.py: requests from averager processes that already
+    # exited used to kill the DHT process with an EOFError in multiprocessing's resource_sharer)
+    assert "Traceback" not in goodbye, goodbye[-4000:]
     assert "[ERROR]" not in goodbye, goodbye[-4000:]
     # the clean leave: no round waits for the leaver, and it stops being counted within a round or two
     assert max(s for _, s in after_leave) < MATCHMAKING_TIME + SLACK_S, output

@@ -83,18 +83,44 @@ class _DropDeadSenderErrors(logging.Filter):
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        tb = record.exc_info[2] if record.exc_info else None
-        while tb is not None:
-            if tb.tb_frame.f_code.co_filename.endswith("resource_sharer.py"):
-                return False
-            tb = tb.tb_next
+        exc = record.exc_info[1] if record.exc_info else None
+        while exc is not None:  # the error and what caused it
+            tb = exc.__traceback__
+            while tb is not None:
+                if tb.tb_frame.f_code.co_filename.endswith("resource_sharer.py"):
+                    return False
+                tb = tb.tb_next
+            exc = exc.__cause__
         return True
 
 
+def _detach_fd_or_connection_error(detach):
+    """DupFd.detach that reports a sender gone mid-handshake as ConnectionResetError, not EOFError.
+
+    The DHT's request loop survives OSErrors from a request it cannot unpickle (it logs them and
+    goes on) but not EOFError, which killed the whole DHT process with a traceback when an
+    averager process exited at the moment the DHT read its last request.
+    """
+
+    def detach_fd(self):
+        try:
+            return detach(self)
+        except EOFError as exc:
+            raise ConnectionResetError("the process that sent this request has exited") from exc
+
+    detach_fd.convmodel_wrapped = True
+    return detach_fd
+
+
 def _quiet_dead_sender_errors() -> None:
+    """Before the DHT forks (its process inherits both): tolerate and silence requests from dead senders."""
+    from multiprocessing import resource_sharer
+
+    if not getattr(resource_sharer.DupFd.detach, "convmodel_wrapped", False):
+        resource_sharer.DupFd.detach = _detach_fd_or_connection_error(resource_sharer.DupFd.detach)
     dht_logger = logging.getLogger("hivemind.dht.dht")
     if not any(isinstance(f, _DropDeadSenderErrors) for f in dht_logger.filters):
-        dht_logger.addFilter(_DropDeadSenderErrors())  # before the DHT forks, so its process inherits it
+        dht_logger.addFilter(_DropDeadSenderErrors())
 
 
 def start_dht(
@@ -166,3 +192,32 @@ def announce_addresses(dht, peers_file: str | None) -> list[str]:
         os.replace(tmp, peers_file)  # atomic: a reader never sees half a file
     sys.stdout.flush()
     return addresses
+
+
+def metrics_key(identity_path: str | None):
+    """The RSA key that signs this peer's metrics record: kept next to identity_path, so a restarted
+    peer writes the same record instead of leaving its old one to be counted until it expires.
+
+    Without identity_path each process signs with a fresh key (hivemind's process-wide default).
+    """
+    from hivemind.utils.crypto import RSAPrivateKey
+
+    if not identity_path:
+        return RSAPrivateKey.process_wide()
+    path = f"{identity_path}.metrics_key"
+    if os.path.exists(path):
+        key = RSAPrivateKey.__new__(RSAPrivateKey)
+        try:
+            with open(path, "rb") as f:
+                key.__setstate__({"_private_key": f.read()})  # the way hivemind unpickles its keys (DER)
+        except ValueError as exc:
+            raise UserError(f"{path} (the metrics key kept next to identity_path) is not a private key ({exc}); "
+                            "delete it and a new one is made") from exc
+        return key
+    key = RSAPrivateKey()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+        f.write(key.to_bytes())
+    os.replace(tmp, path)
+    return key

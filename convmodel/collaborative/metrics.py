@@ -44,10 +44,12 @@ def metrics_validators(run_id: str, private_key=None):
 
 
 def publish_metrics(dht, run_id: str, signer, epoch: int, samples_per_second: float, samples_accumulated: int,
-                    loss: float | None, mini_steps: int):
+                    loss: float | None, mini_steps: int, expiration: float = METRICS_EXPIRATION_S):
     """Store this peer's metrics without waiting for the DHT (a slow store must not slow training).
 
-    Returns the store's future; wait for it before shutting the DHT down.
+    The record lives `expiration` seconds unless re-published (a later publish replaces it), so a
+    peer that dies drops out of the swarm's sums. Returns the store's future; wait for it before
+    shutting the DHT down.
     """
     import math
 
@@ -59,12 +61,20 @@ def publish_metrics(dht, run_id: str, signer, epoch: int, samples_per_second: fl
         samples_accumulated=int(samples_accumulated),
         loss=float(loss) if loss is not None and math.isfinite(loss) else None, mini_steps=int(mini_steps))
     return dht.store(key=f"{run_id}_metrics", subkey=signer.local_public_key, value=record.dict(),
-              expiration_time=get_dht_time() + METRICS_EXPIRATION_S, return_future=True)
+              expiration_time=get_dht_time() + expiration, return_future=True)
 
 
 def read_metrics(dht, run_id: str) -> dict[bytes, dict]:
-    """{peer public key: metrics} of every peer whose record has not expired."""
+    """{peer public key: metrics} of every peer whose record has not expired.
+
+    The DHT returns only records its validators accepted; with `latest=True` it asks every node
+    near the key, so a record one node lost is still found on another.
+    """
+    from hivemind.utils import get_dht_time
+
     found = dht.get(f"{run_id}_metrics", latest=True)
     if found is None or not isinstance(found.value, dict):
         return {}
-    return {key: entry.value for key, entry in found.value.items() if isinstance(entry.value, dict)}
+    now = get_dht_time()
+    return {key: entry.value for key, entry in found.value.items()
+            if isinstance(entry.value, dict) and entry.expiration_time >= now}

@@ -141,7 +141,10 @@ class HivemindStrategy(SingleDeviceStrategy):
         self._epoch_started_at: float | None = None
         self._swarm_samples_per_second = float("nan")
         self._backup: dict | None = None
-        self._pending_stores: list = []  # DHT stores in flight; finished before the DHT shuts down
+        self._publisher = None  # MetricsPublisher, once the DHT runs
+        self._epoch_loss_sum: torch.Tensor | None = None  # this peer's losses in the current epoch
+        self._epoch_mini_steps = 0
+        self._samples_contributed = 0
         self.skipped_steps = 0
         self.restored_backups = 0
         self._previous_sigint = None
@@ -263,9 +266,7 @@ class HivemindStrategy(SingleDeviceStrategy):
         clip_val, clip_algorithm = trainer.gradient_clip_val, trainer.gradient_clip_algorithm
         sigint_handler = signal.getsignal(signal.SIGINT)
         try:
-            self._start_dht()
-            self.hivemind_optimizer = self._make_hivemind_optimizer(module_optimizer, scheduler, clip_val,
-                                                                    str(clip_algorithm or "norm"))
+            self.join_swarm(module_optimizer, scheduler, clip_val, str(clip_algorithm or "norm"))
         finally:
             if self.hivemind_optimizer is not None:
                 self._handle_ctrl_c(sigint_handler)
@@ -275,22 +276,39 @@ class HivemindStrategy(SingleDeviceStrategy):
         self.optimizers = [self.hivemind_optimizer]
         self.lr_scheduler_configs = []
 
-    def _start_dht(self) -> None:
-        from convmodel.collaborative.dht import announce_addresses, start_dht
+    def join_swarm(self, module_optimizer: torch.optim.Optimizer, scheduler=None, clip_val: float | None = None,
+                   clip_algorithm: str = "norm", auxiliary: bool = False, extra_validators: list = ()):
+        """Check the options, start the DHT and build the hivemind.Optimizer; returns the optimizer.
+
+        The trainer calls it from `setup_optimizers`; the auxiliary peer (no Lightning loop) calls it
+        with `auxiliary=True` to help average, or False to only download and store the swarm's state.
+        `extra_validators` are added to the DHT's record validators (the monitor counts rejections).
+        """
+        self.check_options()
+        if auxiliary and self.client_mode:
+            raise UserError(f"{OPTION}.client_mode: an auxiliary peer that assists in averaging must accept "
+                            "connections; set client_mode: false (or do not assist in averaging)")
+        self._start_dht(list(extra_validators))
+        self.hivemind_optimizer = self._make_hivemind_optimizer(module_optimizer, scheduler, clip_val, clip_algorithm,
+                                                                auxiliary)
+        return self.hivemind_optimizer
+
+    def _start_dht(self, extra_validators: list) -> None:
+        from convmodel.collaborative.dht import announce_addresses, metrics_key, start_dht
         from convmodel.collaborative.metrics import metrics_validators
 
-        validators, self._metrics_signer = metrics_validators(self.run_id)
+        validators, self._metrics_signer = metrics_validators(self.run_id, metrics_key(self.identity_path))
         self.dht = start_dht(
             self.initial_peers, self.host_maddrs, self.announce_maddrs, self.identity_path, self.client_mode,
             self.use_ipfs, self.use_relay, self.use_auto_relay, self.nat_port_map, self.auto_nat,
-            self.bootstrap_timeout, record_validators=validators)
+            self.bootstrap_timeout, record_validators=[*validators, *extra_validators])
         if self.client_mode:
             print(f"[convmodel] peer {self.dht.peer_id} joined in client mode (it cannot be an initial peer)",
                   flush=True)
         else:
             self.peer_addresses = announce_addresses(self.dht, self.peers_file)
 
-    def _make_hivemind_optimizer(self, module_optimizer, scheduler, clip_val, clip_algorithm: str):
+    def _make_hivemind_optimizer(self, module_optimizer, scheduler, clip_val, clip_algorithm: str, auxiliary: bool):
         from hivemind.optim.grad_averager import GradientAverager
 
         from convmodel.collaborative.compression import build_compression
@@ -327,6 +345,7 @@ class HivemindStrategy(SingleDeviceStrategy):
             delay_state_averaging=self.delay_state_averaging,
             average_state_every=self.average_state_every,
             client_mode=self.client_mode,
+            auxiliary=auxiliary,
             grad_compression=build_compression(self.grad_compression, "grad_compression"),
             state_averaging_compression=build_compression(self.state_averaging_compression,
                                                           "state_averaging_compression"),
@@ -362,6 +381,7 @@ class HivemindStrategy(SingleDeviceStrategy):
                   "(no peer further ahead)", flush=True)
         self._epoch_seen, self._epoch_started_at = opt.local_epoch, time.perf_counter()
         self._take_backup()
+        self._publish_metrics(opt)  # counted by the monitor from the start, not only after an epoch
 
     # ---- stepping ------------------------------------------------------------------------------
 
@@ -378,6 +398,11 @@ class HivemindStrategy(SingleDeviceStrategy):
         loss = output["loss"] if isinstance(output, dict) else output
         if isinstance(loss, torch.Tensor) and not torch.isfinite(loss.detach()).all():
             self._non_finite_loss = True
+        elif isinstance(loss, torch.Tensor):
+            # a tensor sum: no device sync per step; read once per collaborative epoch
+            loss = loss.detach().float().sum()
+            self._epoch_loss_sum = loss if self._epoch_loss_sum is None else self._epoch_loss_sum + loss
+            self._epoch_mini_steps += 1
         self._log_progress()
         return output
 
@@ -400,6 +425,7 @@ class HivemindStrategy(SingleDeviceStrategy):
                 self._restore_backup(opt)
         else:
             opt.step(batch_size=max(samples, 1))
+            self._samples_contributed += samples
         self._after_step(opt, trainer)
         return closure_result
 
@@ -484,15 +510,17 @@ class HivemindStrategy(SingleDeviceStrategy):
                        prog_bar=name in ("collab/epoch", "collab/peers"))
 
     def _publish_metrics(self, opt) -> None:
-        from convmodel.collaborative.metrics import publish_metrics
+        """This peer's record for the monitor: the epoch it is in now, and its loss summed over the local
+        steps of the epoch that just ended (the monitor divides the swarm's sums: a mean over all steps)."""
+        from convmodel.collaborative.publisher import MetricsPublisher
 
-        trainer = self.lightning_module.trainer
-        loss = trainer.callback_metrics.get("train/loss")
-        self._pending_stores = [f for f in self._pending_stores if not f.done()]
-        self._pending_stores.append(publish_metrics(self.dht, self.run_id, self._metrics_signer, epoch=opt.local_epoch,
-                        samples_per_second=float(opt.tracker.performance_ema.samples_per_second),
-                        samples_accumulated=int(opt.tracker.local_progress.samples_accumulated),
-                        loss=float(loss) if loss is not None else None, mini_steps=int(trainer.global_step)))
+        if self._publisher is None:
+            self._publisher = MetricsPublisher(self.dht, self.run_id, self._metrics_signer, self.metadata_expiration)
+        loss_sum = float(self._epoch_loss_sum) if self._epoch_loss_sum is not None else None
+        self._publisher.publish(
+            epoch=opt.local_epoch, samples_per_second=float(opt.tracker.performance_ema.samples_per_second),
+            samples_accumulated=self._samples_contributed, loss=loss_sum, mini_steps=self._epoch_mini_steps)
+        self._epoch_loss_sum, self._epoch_mini_steps = None, 0
 
     # ---- leaving -----------------------------------------------------------------------------------
 
@@ -505,12 +533,9 @@ class HivemindStrategy(SingleDeviceStrategy):
                 opt.shutdown()
             except Exception as exc:  # a failed goodbye must not hide the run's own outcome
                 print(f"[convmodel] hivemind optimizer shutdown: {exc!r}", file=sys.stderr)
-        for future in self._pending_stores:
-            try:
-                future.result(timeout=5)
-            except Exception:  # noqa: S110 (a metrics record lost at exit is harmless)
-                pass
-        self._pending_stores = []
+        publisher, self._publisher = self._publisher, None
+        if publisher is not None:
+            publisher.close()
         if dht is not None:
             dht.shutdown()
         self._restore_ctrl_c()
