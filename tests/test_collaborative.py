@@ -17,7 +17,8 @@ import torch
 pytest.importorskip("hivemind")
 
 from convmodel.cli import main  # noqa: E402
-from convmodel.data import prepare_train_data  # noqa: E402
+from convmodel.data import JsonlDataModule, prepare_train_data  # noqa: E402
+from convmodel.models import BertPretraining  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "collaborative" / "bert-tiny.yaml"
@@ -259,3 +260,26 @@ def test_two_peers_from_the_cli_train_in_lockstep_and_end_with_equal_parameters(
     first_params, second_params = (c["state_dict"] for c in ckpts)
     for name, value in first_params.items():
         torch.testing.assert_close(value, second_params[name], atol=2e-3, rtol=2e-3, msg=name)
+    # and the swarm learned: validation loss of the averaged model well below the same model untrained
+    trained = BertPretraining.load_from_checkpoint(first.workdir / "checkpoints" / "last.ckpt", map_location="cpu",
+                                                   tokenizer=tokenizer_dir)
+    torch.manual_seed(0)
+    hparams = {k: v for k, v in ckpts[0]["hyper_parameters"].items() if not k.startswith("_")}  # not _class_path
+    untrained = BertPretraining(**{**hparams, "tokenizer": tokenizer_dir})
+    before, after = validation_loss(untrained, shards, tokenizer_dir), validation_loss(trained, shards, tokenizer_dir)
+    assert after < 0.85 * before, (before, after)
+
+
+def validation_loss(module, shards: Path, tokenizer_dir: str) -> float:
+    """Token-weighted MLM loss over the validation shards (fixed masks), as the module computes it."""
+    data = JsonlDataModule(tokenizer_dir, val_files=str(shards / "valid" / "part-*.jsonl"), batch_size=8,
+                           max_seq_len=64)
+    data.setup("validate")
+    module.eval()
+    total = count = 0.0
+    with torch.no_grad():
+        for batch in data.val_dataloader():
+            losses = module.compute_losses(batch)
+            total += float(losses.loss) * float(losses.n_targets)
+            count += float(losses.n_targets)
+    return total / count
