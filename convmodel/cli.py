@@ -79,7 +79,7 @@ class ConvmodelCLI(LightningCLI):
         parser.link_arguments("data.objective", "model.init_args.objective")
 
 
-def _enable_docstring_help() -> None:
+def enable_docstring_help() -> None:
     """Let `--help` show each argument's line from the Args section of its class docstring."""
     from jsonargparse import set_parsing_settings
     from jsonargparse._optionals import docstring_parser_support
@@ -90,7 +90,7 @@ def _enable_docstring_help() -> None:
         set_parsing_settings(docstring_parse_style=DocstringStyle.GOOGLE)
 
 
-def _find_user_error(exc: BaseException) -> UserError | None:
+def find_user_error(exc: BaseException) -> UserError | None:
     """The UserError behind `exc`, also when a library re-raised it wrapped in another exception."""
     seen = set()
     while exc is not None and id(exc) not in seen:
@@ -108,17 +108,22 @@ def with_default_subcommand(argv: list[str]) -> list[str]:
     return list(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Run the CLI; a user mistake ends with `error: <what to do>` and exit status 2."""
-    argv = with_default_subcommand(sys.argv[1:] if argv is None else argv)
-    _enable_docstring_help()
-    # we pass the arguments ourselves (with `fit` inserted); Lightning warns when sys.argv is also set
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+def exit_on_user_error(run) -> None:
+    """Call `run()`; a UserError (also one a library re-raised wrapped) prints one `error:` line, exit 2."""
     try:
-        ConvmodelCLI(args=argv)
+        run()
     except Exception as exc:
-        user_error = _find_user_error(exc)
+        user_error = find_user_error(exc)
         if user_error is None:
             raise
         print(f"error: {user_message(user_error)}", file=sys.stderr)
         sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; a user mistake ends with `error: <what to do>` and exit status 2."""
+    argv = with_default_subcommand(sys.argv[1:] if argv is None else argv)
+    enable_docstring_help()
+    # we pass the arguments ourselves (with `fit` inserted); Lightning warns when sys.argv is also set
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    exit_on_user_error(lambda: ConvmodelCLI(args=argv))

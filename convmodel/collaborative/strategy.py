@@ -293,6 +293,12 @@ class HivemindStrategy(SingleDeviceStrategy):
                                                                 auxiliary)
         return self.hivemind_optimizer
 
+    def start_dht(self, extra_validators: list = ()) -> None:
+        """Check the options and start only the DHT (prints the join address, writes peers_file): for a
+        peer that holds no hivemind.Optimizer, such as the auxiliary peer that only stores checkpoints."""
+        self.check_options()
+        self._start_dht(list(extra_validators))
+
     def _start_dht(self, extra_validators: list) -> None:
         from convmodel.collaborative.dht import announce_addresses, metrics_key, start_dht
         from convmodel.collaborative.metrics import metrics_validators

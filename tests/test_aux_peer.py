@@ -1,0 +1,356 @@
+"""The auxiliary peer (run_aux_peer.py) with real trainer processes on 127.0.0.1.
+
+It monitors two trainers (TensorBoard), stores the swarm's state as checkpoints, serves it to a trainer
+that starts when only the auxiliary peer is up, and its latest checkpoint resumes a trainer and exports;
+with --assist_in_averaging it averages with a trainer in client mode and stores a last checkpoint on leaving.
+A writer killed during a checkpoint write leaves the previous checkpoint whole; bad options end in one
+error line. Every wait polls a log, a file or a pipe with a deadline; every child is killed in `finally`.
+"""
+
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("hivemind")
+
+from test_collaborative import (  # noqa: E402, F401
+    REPO,
+    STARTUP_S,
+    Peer,
+    peer_args,
+    shards,
+    wait_for_file,
+)
+
+from convmodel.collaborative.aux_peer import main  # noqa: E402
+from convmodel.collaborative.checkpoint_store import (  # noqa: E402
+    LATEST,
+    CheckpointStore,
+    checkpoint_epoch,
+    latest_checkpoint,
+)
+
+SWARM = dict(target_batch_size=64, matchmaking_time=1.0, averaging_timeout=5.0, metadata_expiration=10.0,
+             next_chunk_timeout=2.0, load_state_timeout=30.0, max_collaborative_epochs=1_000_000)
+STORED = re.compile(r"stored the swarm's state at collaborative epoch (\d+)")
+
+
+class AuxPeer(Peer):
+    """One run_aux_peer.py process in its own directory; its output goes to a log file we poll."""
+
+    def __init__(self, workdir: Path, args: list[str], env: dict[str, str] | None = None):
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir, self.log_path = workdir, workdir / "output.log"
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+               "PYTHONUNBUFFERED": "1", **(env or {})}
+        env.pop("CONVMODEL_INITIAL_PEERS", None)
+        self.log = open(self.log_path, "w")
+        self.process = subprocess.Popen([sys.executable, str(REPO / "trainer" / "run_aux_peer.py"), *args],
+                                        cwd=workdir, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+
+
+def swarm_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value), ...]} of the auxiliary peer's event files, in the order written."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    if not logdir.is_dir():
+        return {}
+    accumulator = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+
+
+def closed_port() -> int:
+    """A loopback port nobody listens on."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rising(values: list[float], count: int) -> bool:
+    """At least `count` distinct values, each first seen after the smaller ones."""
+    firsts = list(dict.fromkeys(values))
+    return len(firsts) >= count and firsts == sorted(firsts)
+
+
+# ---- the swarm ------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(420)
+def test_aux_peer_monitors_stores_and_serves_the_swarm(shards, tokenizer_dir, tmp_path):  # noqa: F811
+    """Two trainers + the auxiliary peer; the trainers stop; the aux restarts; a trainer joins it alone.
+
+    The aux's TensorBoard shows both trainers and a rising epoch; it stores checkpoints as the swarm goes
+    (a failed upload does not stop it) and leaves cleanly on SIGINT/SIGTERM. Restarted on its folder, it loads
+    the latest checkpoint and serves it: a trainer that starts when only the aux is up begins there
+    ("the first peer of the day"). The latest.ckpt resumes a trainer alone (--ckpt_path) at its epoch
+    and exports to a folder that transformers loads with the stored weights.
+    """
+    aux_dir, tb, ckpts = tmp_path / "aux", tmp_path / "aux" / "tb", tmp_path / "aux" / "ckpts"
+    latest = ckpts / LATEST
+    aux = first = second = restarted = newcomer = resumed = None
+    try:
+        # uploads go to a Hub that refuses connections: each fails, is reported, and the aux goes on
+        aux = AuxPeer(aux_dir, [*peer_args(shards, tokenizer_dir, peers_file="peers.txt", **SWARM),
+                                "--store_checkpoints", str(ckpts), "--checkpoint_every", "2", "--refresh_period",
+                                "0.5", "--logdir", "tb", "--push_to_hub", "convmodel/aux-test", "--upload_every", "2"],
+                      env={"HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}"})
+        address = wait_for_file(aux_dir / "peers.txt", aux, STARTUP_S).split()[0]
+        first = Peer(tmp_path / "first", peer_args(shards, tokenizer_dir, initial_peers=[address], **SWARM))
+        second = Peer(tmp_path / "second", peer_args(shards, tokenizer_dir, initial_peers=[address], **SWARM))
+
+        def monitored() -> bool:
+            scalars = swarm_scalars(tb)
+            alive = scalars.get("swarm/alive_peers", [])
+            together = next((i for i, (_, peers) in enumerate(alive) if peers == 2), None)
+            if together is None:
+                return False
+            epochs = [value for _, value in scalars.get("swarm/epoch", [])[together:]]
+            return rising(epochs, 3) and len(STORED.findall(aux.output())) >= 2
+
+        aux.wait_for_condition(monitored, STARTUP_S + 120, "swarm/alive_peers == 2, a rising swarm/epoch and two "
+                                                            "stored checkpoints")
+        for trainer in (first, second):
+            os.kill(trainer.process.pid, signal.SIGINT)
+        for trainer in (first, second):
+            assert trainer.wait_exit(90) == 0, trainer.output()[-4000:]
+        aux.wait_for(r"no alive peer", 60)
+        os.kill(aux.process.pid, signal.SIGINT)
+        aux.wait_for(r"SIGINT: writing the last checkpoint", 30)
+        assert aux.wait_exit(90) == 0, aux.output()[-4000:]
+        aux.wait_for(r"auxiliary peer stopped", 1)
+        stored_last = int(STORED.findall(aux.output())[-1])
+        assert checkpoint_epoch(torch.load(latest, weights_only=True)) == stored_last
+
+        # the next day: the aux restarts on its folder, and the first trainer to come begins where it stopped
+        restarted = AuxPeer(tmp_path / "restarted", [*peer_args(shards, tokenizer_dir, peers_file="peers.txt",
+                                                                **SWARM), "--store_checkpoints", str(ckpts)])
+        loaded = int(restarted.wait_for(r"loaded .*latest\.ckpt \(collaborative epoch (\d+)\)", STARTUP_S).group(1))
+        address = wait_for_file(tmp_path / "restarted" / "peers.txt", restarted, STARTUP_S).split()[0]
+        newcomer = Peer(tmp_path / "newcomer", peer_args(shards, tokenizer_dir, initial_peers=[address], **SWARM))
+        joined = int(newcomer.wait_for(r"joined run 'bert_tiny' at collaborative epoch (\d+)", STARTUP_S).group(1))
+        newcomer.kill()
+        os.kill(restarted.process.pid, signal.SIGTERM)  # as a service manager stops it
+        restarted.wait_for(r"SIGTERM: writing the last checkpoint", 30)
+        assert restarted.wait_exit(90) == 0, restarted.output()[-4000:]
+
+        stored = torch.load(latest, map_location="cpu", weights_only=True)
+        epoch = checkpoint_epoch(stored)
+        resumed = Peer(tmp_path / "resumed", [*peer_args(shards, tokenizer_dir, **SWARM), "--ckpt_path", str(latest)])
+        resumed_at = int(resumed.wait_for(r"training run 'bert_tiny' from collaborative epoch (\d+)",
+                                          STARTUP_S).group(1))
+    finally:
+        for peer in (aux, first, second, restarted, newcomer, resumed):
+            if peer is not None:
+                peer.kill()
+
+    scalars = swarm_scalars(tb)
+    assert max(v for _, v in scalars["swarm/alive_peers"]) == 2, scalars["swarm/alive_peers"]
+    assert loaded == joined == stored_last >= 2
+    assert resumed_at == epoch >= stored_last
+    assert stored["global_step"] == epoch and stored["convmodel"]["collaborative"] == {"epoch": epoch,
+                                                                                       "run_id": "bert_tiny"}
+    failed_upload = re.search(r"upload of collaborative epoch \d+ failed: --push_to_hub convmodel/aux-test: .*"
+                              r"Connection refused", aux.output())
+    assert failed_upload and STORED.search(aux.output(), failed_upload.end()), aux.output()[-4000:]
+    assert (ckpts / "export" / "config.json").is_file()
+    files = sorted(p.name for p in ckpts.glob("epoch-*.ckpt"))
+    assert len(files) <= 3 and files[-1] == f"epoch-{epoch:06d}.ckpt", files
+    assert os.path.samefile(latest, ckpts / files[-1])
+
+    from transformers import AutoModelForMaskedLM
+
+    from convmodel.export import export_model
+
+    out = export_model(str(latest), str(tmp_path / "hf"))
+    model = AutoModelForMaskedLM.from_pretrained(out)
+    torch.testing.assert_close(model.bert.embeddings.word_embeddings.weight,
+                               stored["state_dict"]["model.bert.embeddings.word_embeddings.weight"])
+
+
+EPOCH_LINE = re.compile(r"collaborative epoch (\d+) \((\d+) peers?,")
+
+
+def epoch_lines(peer: Peer) -> list[tuple[int, int]]:
+    return [(int(e), int(p)) for e, p in EPOCH_LINE.findall(peer.output())]
+
+
+def in_step(peer: Peer, count: int) -> int | None:
+    """The first epoch of `count` consecutive epoch lines (e, e+1, ...) with 2 peers, if the peer printed them."""
+    lines = epoch_lines(peer)
+    for i in range(len(lines) - count + 1):
+        window = lines[i:i + count]
+        if all(peers == 2 and epoch == window[0][0] + k for k, (epoch, peers) in enumerate(window)):
+            return window[0][0]
+    return None
+
+
+@pytest.mark.timeout(300)
+def test_assisting_aux_peer_averages_with_a_client_mode_peer_and_stores_on_leaving(shards, tokenizer_dir,  # noqa: F811
+                                                                                    tmp_path):
+    """--assist_in_averaging with a trainer and a trainer in client mode; SIGINT to the aux while they train.
+
+    The aux is not counted as a trainer (2 peers), no averaging round fails once both train together, and
+    the aux's last checkpoint (the only one: checkpoint_every is out of reach) is downloaded from the live
+    swarm after the SIGINT; the trainers go on without it.
+    """
+    aux_dir = tmp_path / "aux"
+    aux = server = client = None
+    try:
+        aux = AuxPeer(aux_dir, [*peer_args(shards, tokenizer_dir, peers_file="peers.txt", **SWARM),
+                                "--assist_in_averaging", "--store_checkpoints", "ckpts", "--checkpoint_every",
+                                "100000", "--refresh_period", "0.5"])
+        address = wait_for_file(aux_dir / "peers.txt", aux, STARTUP_S).split()[0]
+        server = Peer(tmp_path / "server", peer_args(shards, tokenizer_dir, initial_peers=[address], **SWARM))
+        client = Peer(tmp_path / "client", peer_args(shards, tokenizer_dir, initial_peers=[address],
+                                                     client_mode=True, **SWARM))
+        client.wait_for(r"joined in client mode", STARTUP_S)
+
+        client.wait_for_condition(lambda: in_step(client, 4) is not None, 120, "4 consecutive epochs with 2 peers")
+        in_step_from = in_step(client, 4)
+        os.kill(aux.process.pid, signal.SIGINT)
+        assert aux.wait_exit(90) == 0, aux.output()[-4000:]
+        left_at = max(e for e, _ in epoch_lines(server))
+        server.wait_for_condition(lambda: max(e for e, _ in epoch_lines(server)) >= left_at + 2, 60,
+                                  "2 epochs after the aux left")
+    finally:
+        for peer in (aux, server, client):
+            if peer is not None:
+                peer.kill()
+
+    goodbye = aux.output().split("SIGINT: writing the last checkpoint")[-1]
+    stored = [int(e) for e in STORED.findall(goodbye)]
+    assert len(stored) == 1 and stored[0] >= in_step_from, aux.output()[-4000:]
+    assert STORED.findall(aux.output()) == STORED.findall(goodbye)  # nothing stored before the SIGINT
+    assert checkpoint_epoch(torch.load(aux_dir / "ckpts" / LATEST, weights_only=True)) == stored[0]
+    assert all(peers <= 2 for _, peers in epoch_lines(server) + epoch_lines(client))
+    for peer in (server, client):  # once in step, rounds succeed (at most one lost to a loaded machine)
+        in_step_output = peer.output().split(f"collaborative epoch {in_step_from} (")[-1]
+        assert in_step_output.count("Averaging step failed") <= 1, in_step_output[-3000:]
+
+
+# ---- the checkpoint files ---------------------------------------------------------------------------
+
+
+def test_store_keeps_the_last_checkpoints_and_points_latest_at_the_newest(tmp_path):
+    store = CheckpointStore(str(tmp_path / "ckpts"), keep=2)
+    assert store.latest() is None and latest_checkpoint(str(tmp_path / "ckpts")) is None
+    for epoch in (2, 4, 6):
+        store.write(epoch, {"state_dict": {"w": torch.full((2,), float(epoch))}})
+    assert sorted(os.listdir(tmp_path / "ckpts")) == ["epoch-000004.ckpt", "epoch-000006.ckpt", LATEST]
+    latest = latest_checkpoint(str(tmp_path / "ckpts"))
+    assert latest == str(tmp_path / "ckpts" / LATEST)
+    assert torch.load(latest, weights_only=True)["state_dict"]["w"].tolist() == [6.0, 6.0]
+    os.remove(latest)  # without latest.ckpt, the highest epoch
+    assert latest_checkpoint(str(tmp_path / "ckpts")) == str(tmp_path / "ckpts" / "epoch-000006.ckpt")
+
+
+WRITER = """
+import sys, threading
+import torch
+from convmodel.collaborative.checkpoint_store import CheckpointStore
+
+class Stall:
+    # pickled inside torch.save: says so, then never returns (the test kills the process here)
+    def __reduce__(self):
+        print("writing", flush=True)
+        threading.Event().wait()
+
+store = CheckpointStore(sys.argv[1])
+store.write(1, {"state_dict": {"w": torch.ones(3)}})
+print("stored", flush=True)
+store.write(2, {"state_dict": {"w": torch.zeros(3)}, "stall": Stall()})
+"""
+
+
+class LineReader:
+    """A child's stdout read line by line with a deadline (select on the raw pipe, our own buffer)."""
+
+    def __init__(self, process: subprocess.Popen):
+        self.process, self.buffer = process, b""
+
+    def next(self, timeout: float) -> str:
+        """The next line; fails if the child exits or prints nothing within `timeout`."""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buffer:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                pytest.fail(f"the writer printed no line within {timeout} s (so far {self.buffer!r})")
+            ready, _, _ = select.select([self.process.stdout], [], [], left)
+            if ready:
+                chunk = os.read(self.process.stdout.fileno(), 4096)
+                if not chunk:
+                    pytest.fail(f"the writer exited ({self.process.wait()}): {self.process.stderr.read()!r}")
+                self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return line.decode().strip()
+
+
+@pytest.mark.timeout(120)
+def test_sigkill_during_a_checkpoint_write_leaves_the_previous_checkpoint(tmp_path):
+    folder = tmp_path / "ckpts"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(folder)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env=env)
+    lines = LineReader(writer)
+    try:
+        assert lines.next(60) == "stored"
+        assert lines.next(60) == "writing"
+        # torch.save is inside the second checkpoint: its temporary file exists, latest.ckpt is the first
+        unfinished = [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
+        assert len(unfinished) == 1 and unfinished[0].startswith(".epoch-000002.ckpt."), unfinished
+        writer.kill()
+        assert writer.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait(timeout=30)
+        writer.stdout.close()
+        writer.stderr.close()
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == ["epoch-000001.ckpt", LATEST]
+    previous = torch.load(folder / LATEST, weights_only=True)
+    assert previous["state_dict"]["w"].tolist() == [1.0, 1.0, 1.0]
+    # the next store to open the folder (an auxiliary peer restarting) removes the unfinished file
+    store = CheckpointStore(str(folder))
+    assert store.removed_temp_files == unfinished
+    assert sorted(os.listdir(folder)) == ["epoch-000001.ckpt", LATEST]
+
+
+# ---- bad input: one error line each -----------------------------------------------------------------
+
+
+def run_error(args: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    return lines[0]
+
+
+@pytest.mark.timeout(120)
+def test_bad_options_are_one_error_each(shards, tokenizer_dir, capsys, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.chdir(tmp_path)
+    err = run_error([*peer_args(shards, tokenizer_dir, client_mode=True), "--assist_in_averaging"], capsys)
+    assert "--assist_in_averaging" in err and "client_mode" in err
+    err = run_error([*peer_args(shards, tokenizer_dir), "--store_checkpoints", "ckpts", "--push_to_hub",
+                     "not a/valid/repo"], capsys)
+    assert "--push_to_hub 'not a/valid/repo' is not a Hub repository name" in err
+    err = run_error([*peer_args(shards, tokenizer_dir), "--checkpoint_every", "0"], capsys)
+    assert "--checkpoint_every must be an integer >= 1, got 0" in err
+    err = run_error(["--store_checkpoints", "ckpts"], capsys)
+    assert "--config is required" in err
+    assert not (tmp_path / "ckpts").exists()  # nothing was started or written
