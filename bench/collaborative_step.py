@@ -68,14 +68,17 @@ def peer(workdir: Path, tokenizer: str, shards: Path, target: int, initial_peer:
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-# "[convmodel] collaborative epoch 7 (2 peers, lr 0.0016, 1.32 s)", and lightning_hivemind_step.py's
-# "[lightning-hivemind] collaborative epoch 7 (2 peers, 10.61 s)": the seconds since the previous epoch
-EPOCH_LINE = re.compile(r"collaborative epoch (\d+) \((\d+) peers?, (?:lr [^,]+, )?([\d.]+|nan) s\)")
+# "[convmodel] collaborative epoch 7 (2 peers, lr 0.0016, 1.32 s[, 1 averaging round(s) failed])", and
+# lightning_hivemind_step.py's "[lightning-hivemind] collaborative epoch 7 (2 peers, 10.61 s[, ...])": the
+# seconds since the previous epoch, and the rounds hivemind gave up on meanwhile (averaging_failures.py)
+EPOCH_LINE = re.compile(r"collaborative epoch (\d+) \((\d+) peers?, (?:lr [^,]+, )?([\d.]+|nan) s"
+                        r"(?:, (\d+) averaging round\(s\) failed)?\)")
 
 
-def epochs_in(log: Path) -> list[tuple[int, int, float]]:
-    """(epoch, peers, seconds since the previous epoch) for each epoch line of a peer's log."""
-    return [(int(e), int(n), float(s)) for e, n, s in EPOCH_LINE.findall(log.read_text(errors="replace"))]
+def epochs_in(log: Path) -> list[tuple[int, int, float, int]]:
+    """(epoch, peers, seconds since the previous epoch, failed rounds) for each epoch line of a peer's log."""
+    return [(int(e), int(n), float(s), int(f or 0))
+            for e, n, s, f in EPOCH_LINE.findall(log.read_text(errors="replace"))]
 
 
 @dataclass
@@ -92,11 +95,12 @@ class PeerResult:
         seen = epochs_in(log)
         # an epoch's seconds count when it follows the previous one, not after a jump (state loaded
         # from the other peer); our strategy's collab/samples_per_second follows the same rule
-        seconds = [s for i, (e, n, s) in enumerate(seen)
+        seconds = [s for i, (e, n, s, _) in enumerate(seen)
                    if n == 2 and not math.isnan(s) and (i == 0 or seen[i - 1][0] == e - 1)]
         out = log.read_text(errors="replace")
-        failed = len(re.findall(r"\[ERROR\].*Averaging step failed", out))
-        return cls(sum(n == 2 for _, n, _ in seen), seconds, failed, out.count("of input tensors"))
+        # failed rounds while both peers trained (hivemind logs timeouts only at DEBUG; we count them all)
+        failed = sum(f for _, n, _, f in seen if n == 2)
+        return cls(sum(n == 2 for _, n, _, _ in seen), seconds, failed, out.count("of input tensors"))
 
     def line(self, name: str) -> str:
         median = f"{statistics.median(self.seconds):.2f}" if self.seconds else "n/a"

@@ -138,16 +138,22 @@ class EpochPrinter(pl.Callback):
     """
 
     def __init__(self):
+        from convmodel.collaborative.averaging_failures import AveragingFailureCounter
+
         self.epoch: int | None = None
         self.since = 0.0
+        self.failures, self.failures_seen = AveragingFailureCounter().attach(), 0  # only reads hivemind's log
 
     def on_train_batch_end(self, trainer, *args) -> None:
         opt = trainer.optimizers[0]  # the strategy's hivemind.Optimizer from the first batch on
         now, epoch = time.perf_counter(), opt.local_epoch
         if self.epoch is not None and epoch != self.epoch:
             peers = opt.tracker.global_progress.num_peers
+            failures = self.failures.gradients + self.failures.state
+            failed = f", {failures - self.failures_seen} averaging round(s) failed" if failures > self.failures_seen else ""
+            self.failures_seen = failures
             print(f"[lightning-hivemind] collaborative epoch {epoch} ({peers} peer{'s' if peers != 1 else ''}, "
-                  f"{now - self.since:.2f} s)", flush=True)
+                  f"{now - self.since:.2f} s{failed})", flush=True)
         if epoch != self.epoch:
             self.epoch, self.since = epoch, now
 

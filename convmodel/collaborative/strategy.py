@@ -142,6 +142,8 @@ class HivemindStrategy(SingleDeviceStrategy):
         self._swarm_samples_per_second = float("nan")
         self._backup: dict | None = None
         self._publisher = None  # MetricsPublisher, once the DHT runs
+        self._failures = None  # AveragingFailureCounter while in the swarm
+        self._failures_seen = 0
         self._epoch_loss_sum: torch.Tensor | None = None  # this peer's losses in the current epoch
         self._epoch_mini_steps = 0
         self._samples_contributed = 0
@@ -289,6 +291,9 @@ class HivemindStrategy(SingleDeviceStrategy):
             raise UserError(f"{OPTION}.client_mode: an auxiliary peer that assists in averaging must accept "
                             "connections; set client_mode: false (or do not assist in averaging)")
         self._start_dht(list(extra_validators))
+        from convmodel.collaborative.averaging_failures import AveragingFailureCounter
+
+        self._failures = AveragingFailureCounter().attach()
         self.hivemind_optimizer = self._make_hivemind_optimizer(module_optimizer, scheduler, clip_val, clip_algorithm,
                                                                 auxiliary)
         return self.hivemind_optimizer
@@ -459,9 +464,12 @@ class HivemindStrategy(SingleDeviceStrategy):
             self._swarm_samples_per_second = self.target_batch_size / max(seconds, 1e-9)
         self._epoch_seen, self._epoch_started_at = epoch, now
         peers = opt.tracker.global_progress.num_peers
+        failures = self._failures.gradients + self._failures.state if self._failures is not None else 0
+        failed = f", {failures - self._failures_seen} averaging round(s) failed" if failures > self._failures_seen else ""
+        self._failures_seen = failures
         # the seconds since the previous epoch line: a stalled swarm shows here first
         print(f"[convmodel] collaborative epoch {epoch} ({peers} peer{'s' if peers != 1 else ''}, "
-              f"lr {opt.param_groups[0]['lr']:.3g}, {seconds:.2f} s)", flush=True)
+              f"lr {opt.param_groups[0]['lr']:.3g}, {seconds:.2f} s{failed})", flush=True)
         if not _params_finite(opt):
             self._restore_backup(opt)
         elif self.backup_every_epochs and epoch % self.backup_every_epochs == 0:
@@ -509,6 +517,9 @@ class HivemindStrategy(SingleDeviceStrategy):
             "collab/local_samples_per_second": float(opt.tracker.performance_ema.samples_per_second),
             "collab/skipped_steps": float(self.skipped_steps),
         }
+        if self._failures is not None:
+            values["collab/failed_gradient_rounds"] = float(self._failures.gradients)
+            values["collab/failed_state_rounds"] = float(self._failures.state)
         if not math.isnan(self._swarm_samples_per_second):
             values["collab/samples_per_second"] = self._swarm_samples_per_second
         for name, value in values.items():
@@ -542,6 +553,9 @@ class HivemindStrategy(SingleDeviceStrategy):
         publisher, self._publisher = self._publisher, None
         if publisher is not None:
             publisher.close()
+        failures, self._failures = self._failures, None
+        if failures is not None:
+            failures.detach()
         if dht is not None:
             dht.shutdown()
         self._restore_ctrl_c()

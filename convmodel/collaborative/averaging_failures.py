@@ -1,0 +1,46 @@
+"""Counts hivemind's failed averaging rounds, which it reports only in its log, often at DEBUG level.
+
+When a round fails (no group formed in time, a peer died mid-round, a timeout), hivemind.Optimizer
+goes on with local gradients or unaveraged parameters and says so with `logger.log(status_loglevel,
+...)`: DEBUG unless `verbose`, so a swarm that never really averages looks healthy. We let those two
+loggers create their DEBUG records, count the failures and drop what the user did not ask to see.
+"""
+
+import logging
+
+GRADIENTS_LOGGER, GRADIENTS_FAILED = "hivemind.optim.optimizer", "Averaging gradients failed"
+STATE_LOGGER, STATE_FAILED = "hivemind.optim.state_averager", "Averaging failed with"
+
+
+class AveragingFailureCounter(logging.Filter):
+    """A filter on hivemind's optimizer and state averager loggers: counts failures, hides DEBUG noise."""
+
+    def __init__(self):
+        super().__init__()
+        self.gradients = 0  # rounds that fell back to local gradients
+        self.state = 0  # parameter/optimizer-state rounds that failed
+        self._levels: dict[str, int] = {}  # each logger's own level, restored by detach
+        self._shown: dict[str, int] = {}  # the level each logger showed before we lowered it
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if record.name == GRADIENTS_LOGGER and message.startswith(GRADIENTS_FAILED):
+            self.gradients += 1
+        elif record.name == STATE_LOGGER and message.startswith(STATE_FAILED):
+            self.state += 1
+        return record.levelno >= self._shown.get(record.name, logging.NOTSET)
+
+    def attach(self) -> "AveragingFailureCounter":
+        for name in (GRADIENTS_LOGGER, STATE_LOGGER):
+            logger = logging.getLogger(name)
+            self._levels[name], self._shown[name] = logger.level, logger.getEffectiveLevel()
+            logger.setLevel(logging.DEBUG)
+            logger.addFilter(self)
+        return self
+
+    def detach(self) -> None:
+        for name, level in self._levels.items():
+            logger = logging.getLogger(name)
+            logger.removeFilter(self)
+            logger.setLevel(level)
+        self._levels = {}
