@@ -48,6 +48,7 @@ bench: install
 	$(PY) bench/lightning_vs_bare.py
 	$(PY) bench/data_pipeline.py
 	$(PY) bench/lean_albert_memory.py
+	$(PY) bench/lightning_hivemind_step.py
 
 clean:
 	rm -rf $(VENV) runs work

@@ -98,14 +98,18 @@ class PeerResult:
         seconds = [s for i, (e, n, s, _) in enumerate(seen)
                    if n == 2 and not math.isnan(s) and (i == 0 or seen[i - 1][0] == e - 1)]
         out = log.read_text(errors="replace")
-        # failed rounds while both peers trained (hivemind logs timeouts only at DEBUG; we count them all)
-        failed = sum(f for _, n, _, f in seen if n == 2)
-        return cls(sum(n == 2 for _, n, _, _ in seen), seconds, failed, out.count("of input tensors"))
+        # steady state: after the first epoch with 2 peers (the round during the join may fail or lose
+        # a part while the newcomer loads the state). hivemind logs timeouts only at DEBUG; we count them all
+        together = [i for i, (_, n, _, _) in enumerate(seen) if n == 2]
+        failed = sum(f for _, n, _, f in seen[together[0] + 1:] if n == 2) if together else 0
+        first_line = re.search(r"collaborative epoch \d+ \(2 peers", out)
+        dropped = out[first_line.end():].count("of input tensors") if first_line else 0
+        return cls(len(together), seconds, failed, dropped)
 
     def line(self, name: str) -> str:
         median = f"{statistics.median(self.seconds):.2f}" if self.seconds else "n/a"
         return (f"{name}: {self.steps} collaborative steps with 2 peers, median {median} s per step, "
-                f"failed averaging rounds {self.failed}, rounds with dropped parts {self.dropped}")
+                f"steady state: failed averaging rounds {self.failed}, rounds with dropped parts {self.dropped}")
 
 
 def run_pair(start: Callable[[Path, str | None], subprocess.Popen], root: Path, epochs: int,
@@ -125,7 +129,7 @@ def run_pair(start: Callable[[Path, str | None], subprocess.Popen], root: Path, 
         procs.append(start(root / "b", addresses[0]))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and all(p.poll() is None for p in procs):
-            if all(sum(n == 2 for _, n, _ in epochs_in(root / name / "output.log")) >= epochs for name in "ab"):
+            if all(sum(n == 2 for _, n, _, _ in epochs_in(root / name / "output.log")) >= epochs for name in "ab"):
                 break
             time.sleep(1)
         else:

@@ -463,7 +463,7 @@ class HivemindStrategy(SingleDeviceStrategy):
         if epoch == self._epoch_seen + 1:
             self._swarm_samples_per_second = self.target_batch_size / max(seconds, 1e-9)
         self._epoch_seen, self._epoch_started_at = epoch, now
-        peers = opt.tracker.global_progress.num_peers
+        peers = max(opt.tracker.global_progress.num_peers, 1)  # 0 until the first progress fetch
         failures = self._failures.gradients + self._failures.state if self._failures is not None else 0
         failed = f", {failures - self._failures_seen} averaging round(s) failed" if failures > self._failures_seen else ""
         self._failures_seen = failures
@@ -512,7 +512,7 @@ class HivemindStrategy(SingleDeviceStrategy):
         progress = opt.tracker.global_progress
         values = {
             "collab/epoch": float(opt.local_epoch),
-            "collab/peers": float(progress.num_peers),
+            "collab/peers": float(max(progress.num_peers, 1)),
             "collab/samples_accumulated": float(progress.samples_accumulated),
             "collab/local_samples_per_second": float(opt.tracker.performance_ema.samples_per_second),
             "collab/skipped_steps": float(self.skipped_steps),
