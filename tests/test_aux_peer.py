@@ -69,6 +69,37 @@ def swarm_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
 
 
+FORGED = dict(epoch=10**6, samples_per_second=1e9, samples_accumulated=10**12, loss=0.0, mini_steps=1)
+
+
+def start_forger(address: str):
+    """A DHT next to the aux peer holding a forged record under a trainer's subkey, signed with another key."""
+    from functools import partial
+
+    import hivemind
+    from hivemind.dht.crypto import RSASignatureValidator
+    from hivemind.utils import get_dht_time
+    from hivemind.utils.crypto import RSAPrivateKey
+    from test_monitor import LOOPBACK, plant, signed_value
+
+    # its one validator only strips signatures when it reads (hivemind cannot decode signed values
+    # without it); the forgery goes straight into its storage, past any check
+    forger = hivemind.DHT(start=True, initial_peers=[address], record_validators=[RSASignatureValidator()],
+                          **LOOPBACK)
+    try:
+        found = forger.get("bert_tiny_metrics", latest=True)
+        assert found is not None and found.value, "no metrics record to forge"
+        victim = next(iter(found.value))
+        expiration = get_dht_time() + 120
+        forged = signed_value(victim, FORGED, expiration, RSAPrivateKey(), run_id="bert_tiny")
+        assert forger.run_coroutine(partial(plant, subkey=victim, value=forged, expiration=expiration,
+                                            run_id="bert_tiny"))
+    except BaseException:
+        forger.shutdown()
+        raise
+    return forger
+
+
 def closed_port() -> int:
     """A loopback port nobody listens on."""
     import socket
@@ -99,7 +130,7 @@ def test_aux_peer_monitors_stores_and_serves_the_swarm(shards, tokenizer_dir, tm
     """
     aux_dir, tb, ckpts = tmp_path / "aux", tmp_path / "aux" / "tb", tmp_path / "aux" / "ckpts"
     latest = ckpts / LATEST
-    aux = first = second = restarted = newcomer = resumed = None
+    aux = first = second = restarted = newcomer = resumed = forger = None
     try:
         # uploads go to a Hub that refuses connections: each fails, is reported, and the aux goes on
         aux = AuxPeer(aux_dir, [*peer_args(shards, tokenizer_dir, peers_file="peers.txt", **SWARM),
@@ -121,6 +152,10 @@ def test_aux_peer_monitors_stores_and_serves_the_swarm(shards, tokenizer_dir, tm
 
         aux.wait_for_condition(monitored, STARTUP_S + 120, "swarm/alive_peers == 2, a rising swarm/epoch and two "
                                                             "stored checkpoints")
+        # a forger plants a record under a trainer's key, signed with its own
+        forger = start_forger(address)
+        aux.wait_for_condition(lambda: max((v for _, v in swarm_scalars(tb).get("swarm/rejected_records", [])),
+                                           default=0) >= 1, 60, "the forged record counted as rejected")
         for trainer in (first, second):
             os.kill(trainer.process.pid, signal.SIGINT)
         for trainer in (first, second):
@@ -154,9 +189,14 @@ def test_aux_peer_monitors_stores_and_serves_the_swarm(shards, tokenizer_dir, tm
         for peer in (aux, first, second, restarted, newcomer, resumed):
             if peer is not None:
                 peer.kill()
+        if forger is not None:
+            forger.shutdown()
 
     scalars = swarm_scalars(tb)
     assert max(v for _, v in scalars["swarm/alive_peers"]) == 2, scalars["swarm/alive_peers"]
+    # the forgery changed no number: its epoch and samples/s are far above anything the trainers reach
+    assert max(v for _, v in scalars["swarm/epoch"]) < FORGED["epoch"], scalars["swarm/epoch"]
+    assert max(v for _, v in scalars["swarm/samples_per_second"]) < FORGED["samples_per_second"]
     assert loaded == joined == stored_last >= 2
     assert resumed_at == epoch >= stored_last
     assert stored["global_step"] == epoch and stored["convmodel"]["collaborative"] == {"epoch": epoch,

@@ -42,14 +42,14 @@ def metrics(epoch=3, samples_per_second=12.5, samples_accumulated=40, loss=17.5,
                 loss=loss, mini_steps=mini_steps)
 
 
-def signed_value(subkey: bytes, value: dict, expiration: float, signing_key: RSAPrivateKey) -> bytes:
+def signed_value(subkey: bytes, value: dict, expiration: float, signing_key: RSAPrivateKey, run_id: str = RUN) -> bytes:
     """The bytes a DHT node holds for `{RUN}_metrics`[subkey]: the value and a signature made with `signing_key`.
 
     With the subkey owner's key this is what hivemind's RSASignatureValidator.sign_value writes; with
     any other key it is a forgery.
     """
     value_bytes = MSGPackSerializer.dumps(value)
-    record = DHTRecord(metrics_key_id(RUN), MSGPackSerializer.dumps(subkey), value_bytes, expiration)
+    record = DHTRecord(metrics_key_id(run_id), MSGPackSerializer.dumps(subkey), value_bytes, expiration)
     signature = signing_key.sign(MSGPackSerializer.dumps(dataclasses.astuple(record)))
     return value_bytes + RSASignatureValidator.SIGNATURE_FORMAT.replace(b"_value_", signature)
 
@@ -58,11 +58,11 @@ def owner_subkey(key: RSAPrivateKey) -> bytes:
     return RSASignatureValidator(key).local_public_key
 
 
-async def plant(_dht, node, subkey: bytes, value: bytes, expiration: float) -> bool:
+async def plant(_dht, node, subkey: bytes, value: bytes, expiration: float, run_id: str = RUN) -> bool:
     """In the forger's DHT process: put raw bytes into its own storage, where searches will find them."""
     from hivemind.dht.routing import DHTID
 
-    return node.protocol.storage.store_subkey(DHTID.from_bytes(metrics_key_id(RUN)), subkey, value, expiration)
+    return node.protocol.storage.store_subkey(DHTID.from_bytes(metrics_key_id(run_id)), subkey, value, expiration)
 
 
 async def push(_dht, node, peer_id, subkey: bytes, value: bytes, expiration: float):
