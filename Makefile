@@ -49,6 +49,7 @@ bench: install
 	$(PY) bench/data_pipeline.py
 	$(PY) bench/lean_albert_memory.py
 	$(PY) bench/lightning_hivemind_step.py
+	$(PY) bench/swarm_vs_local.py
 
 clean:
 	rm -rf $(VENV) runs work
