@@ -148,7 +148,7 @@ class SwarmState:
             params=param_groups, scheduler=rebuild_scheduler(scheduler), offload_optimizer=False,
             client_mode=strategy.client_mode, allow_state_sharing=False,
             min_matchmaking_time=strategy.matchmaking_time, next_chunk_timeout=strategy.next_chunk_timeout,
-            request_timeout=max(0.2, min(3.0, strategy.matchmaking_time / 2)), start=True)
+            request_timeout=strategy.request_timeout, start=True)
         return cls(strategy, averager)
 
     def load_checkpoint(self, checkpoint: dict, module) -> int:

@@ -319,6 +319,12 @@ class HivemindStrategy(SingleDeviceStrategy):
         else:
             self.peer_addresses = announce_addresses(self.dht, self.peers_file)
 
+    @property
+    def request_timeout(self) -> float:
+        """Seconds an averager waits for a peer's answer: matchmaking warns (and may stall) when a
+        request can outlive the matchmaking window."""
+        return max(0.2, min(3.0, self.matchmaking_time / 2))
+
     def _make_hivemind_optimizer(self, module_optimizer, scheduler, clip_val, clip_algorithm: str, auxiliary: bool):
         from hivemind.optim.grad_averager import GradientAverager
 
@@ -326,9 +332,7 @@ class HivemindStrategy(SingleDeviceStrategy):
 
         optimizer_factory, param_groups = rebuild_optimizer(module_optimizer, clip_val, clip_algorithm)
         scheduler_factory = rebuild_scheduler(scheduler)
-        # matchmaking warns (and may stall) when a request can outlive the matchmaking window
-        request_timeout = max(0.2, min(3.0, self.matchmaking_time / 2))
-        averager_opts: dict[str, Any] = {"request_timeout": request_timeout}
+        averager_opts: dict[str, Any] = {"request_timeout": self.request_timeout}
         if self.bandwidth is not None:
             averager_opts["bandwidth"] = self.bandwidth
 
