@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from convmodel.data.collators import build_collator
 from convmodel.data.jsonl_stream import JsonlStream
 from convmodel.data.prepare import MIN_SEQ_LEN, OBJECTIVES
+from convmodel.data.unigram_baseline import DEFAULT_MAX_TRAIN_TOKENS, unigram_baseline
 from convmodel.errors import UserError
 
 
@@ -69,6 +70,7 @@ class JsonlDataModule(pl.LightningDataModule):
         num_workers: DataLoader worker processes per device (0 reads in the training process).
         shuffle_buffer_size: training samples held for shuffling per worker (0 or 1: file order).
         seed: seeds the shuffle and the masks.
+        baseline_train_tokens: training tokens counted for val/unigram_baseline, the frequency-only val/loss (0: off).
     """
 
     def __init__(
@@ -85,6 +87,7 @@ class JsonlDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         shuffle_buffer_size: int = 10000,
         seed: int = 0,
+        baseline_train_tokens: int = DEFAULT_MAX_TRAIN_TOKENS,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -100,9 +103,12 @@ class JsonlDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.shuffle_buffer_size = shuffle_buffer_size
         self.seed = seed
+        self.baseline_train_tokens = baseline_train_tokens
         self._check_options()
         self._tokenizer = None
         self._files: dict[str, list[str]] = {}
+        self._baseline: float | None = None
+        self._baseline_done = False
 
     def _check_options(self) -> None:
         """All problems with the options at once, each naming its data.* key."""
@@ -127,6 +133,11 @@ class JsonlDataModule(pl.LightningDataModule):
             problems.append(f"data.shuffle_buffer_size must be >= 0, got {self.shuffle_buffer_size!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             problems.append(f"data.seed must be an integer >= 0, got {self.seed!r}")
+        if type(self.baseline_train_tokens) is not int or self.baseline_train_tokens < 0:
+            problems.append(
+                f"data.baseline_train_tokens must be an integer >= 0 (0: no val/unigram_baseline), "
+                f"got {self.baseline_train_tokens!r}"
+            )
         for split in ("train", "val", "test"):
             value = getattr(self, f"{split}_files")
             if value is not None and not (
@@ -175,15 +186,23 @@ class JsonlDataModule(pl.LightningDataModule):
     def _current_epoch(self) -> int:
         return self.trainer.current_epoch if self.trainer is not None else 0
 
-    def _dataset(self, split: str, shuffle: bool) -> JsonlStream:
+    def _split_files(self, split: str) -> list[str]:
         if split not in self._files:
             patterns = getattr(self, f"{split}_files")
             if patterns is None:
                 raise UserError(f"data.{split}_files is not set; give the {split} shards (a glob or list)")
             self._files[split] = expand_files(f"data.{split}_files", patterns)
+        return self._files[split]
+
+    def _end_token_id(self) -> int | None:
+        """The id a cut record keeps last: mlm/sop records keep their closing [SEP]."""
+        return None if self.objective == "clm" else self.tokenizer.sep_token_id
+
+    def _dataset(self, split: str, shuffle: bool) -> JsonlStream:
+        files = self._split_files(split)
         rank, world = self._rank_and_world()
         return JsonlStream(
-            self._files[split],
+            files,
             max_seq_len=self.max_seq_len,
             shuffle_buffer_size=self.shuffle_buffer_size if shuffle else 0,
             seed=self.seed,
@@ -192,11 +211,56 @@ class JsonlDataModule(pl.LightningDataModule):
             required_fields=("input_ids", "token_type_ids", "sentence_order_label")
             if self.objective == "sop"
             else ("input_ids",),
-            end_token_id=None if self.objective == "clm" else self.tokenizer.sep_token_id,
+            end_token_id=self._end_token_id(),
             vocab_size=len(self.tokenizer),
             # DDP ranks must take the same number of training steps, or the last all-reduce hangs
             drop_remainder=shuffle and (world or 1) > 1,
         )
+
+    def unigram_baseline(self) -> float | None:
+        """The val/loss a model that knows only token frequencies would reach, computed once.
+
+        See convmodel.data.unigram_baseline: the unigram cross-entropy of the validation shards
+        under the counts of the first data.baseline_train_tokens training targets (for sop + ln 2).
+        A pretrained model's val/loss should end clearly below it. None without train or val
+        files, with data.baseline_train_tokens 0, or when the validation shards have no target.
+        Every DDP rank computes the same value from all the files.
+        """
+        if not self._baseline_done:
+            self._baseline = self._compute_baseline()
+            self._baseline_done = True
+        return self._baseline
+
+    def _compute_baseline(self) -> float | None:
+        if self.baseline_train_tokens == 0 or self.train_files is None or self.val_files is None:
+            return None
+        from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+
+        try:
+            train_files = self._split_files("train")
+        except UserError as exc:  # `validate` needs no training shards; without them there is no baseline
+            rank_zero_warn(f"no val/unigram_baseline: {exc}")
+            return None
+        tokenizer = self.tokenizer
+        result = unigram_baseline(
+            train_files,
+            self._split_files("val"),
+            self.objective,
+            vocab_size=len(tokenizer),
+            special_ids={*tokenizer.all_special_ids, tokenizer.pad_token_id} - {None},
+            max_seq_len=self.max_seq_len,
+            end_token_id=self._end_token_id(),
+            max_train_tokens=self.baseline_train_tokens,
+        )
+        if result is None:
+            return None
+        order = " + ln 2 for the sentence order" if self.objective == "sop" else ""
+        rank_zero_info(
+            f"val/unigram_baseline {result.loss:.4f}: the val/loss of a model that knows only token "
+            f"frequencies (cross-entropy of {result.val_tokens} validation targets under the counts of "
+            f"{result.train_tokens} training targets{order}); val/loss should end below it"
+        )
+        return result.loss
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         collator = build_collator(

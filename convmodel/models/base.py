@@ -234,6 +234,9 @@ class PretrainingModule(pl.LightningModule):
         metrics = self._epoch_metrics("val")
         if metrics is None:
             return
+        baseline = self._unigram_baseline()
+        if baseline is not None:  # beside val/loss, so TensorBoard shows whether the model beat frequencies
+            metrics["val/unigram_baseline"] = baseline
         if self.trainer.sanity_checking:
             # Lightning drops what is logged during the sanity check; write it straight to the
             # loggers so the validation curve starts before the first training step
@@ -242,6 +245,15 @@ class PretrainingModule(pl.LightningModule):
             return
         for name, value in metrics.items():
             self.log(name, value, prog_bar=name.endswith("loss"), sync_dist=True)
+
+    def _unigram_baseline(self) -> float | None:
+        """The val/loss of a frequency-only model, from a datamodule that offers one (JsonlDataModule).
+
+        Duck-typed: other datamodules (hand-built batches in tests, a user's own) have none.
+        The datamodule caches it, so only the first validation pays for reading the shards.
+        """
+        compute = getattr(getattr(self.trainer, "datamodule", None), "unigram_baseline", None)
+        return compute() if callable(compute) else None
 
     def on_test_epoch_end(self) -> None:
         metrics = self._epoch_metrics("test")
