@@ -7,6 +7,7 @@ signatures), so a YAML file stays serialisable and `--print_config` shows the ch
 import math
 from collections.abc import Iterable
 from functools import partial
+from itertools import chain
 from typing import Literal
 
 import torch
@@ -22,21 +23,103 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
     One rule instead of a list of names (nanoGPT): a parameter with two or more
     dimensions is decayed, anything else is not. Frozen parameters are left out.
+    `layer_adaptation` is read by LAMB only (AdamW keeps and ignores the key): the trust
+    ratio ||w|| / ||update|| suits matrices, but a zero-initialised bias would move by
+    about lr * ||bias|| per step, i.e. hardly at all, so vectors take plain Adam steps.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     return [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay, "layer_adaptation": True},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "layer_adaptation": False},
     ]
 
 
-class Lamb(torch.optim.Optimizer):
+def adam_direction_(
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step: int,
+    betas: tuple[float, float],
+    eps: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Update the fp32 moments with `grad` in place and return Adam's bias-corrected direction.
+
+    Shared by Lamb and Lamb8bit so the two take the same step; `out` (fp32, the shape of
+    `grad`) receives the direction, which lets Lamb8bit fill one buffer chunk by chunk.
+    """
+    beta1, beta2 = betas
+    exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    denom = torch.div(exp_avg_sq, 1 - beta2**step, out=out).sqrt_().add_(eps)
+    return torch.div(exp_avg, denom, out=denom).div_(1 - beta1**step)
+
+
+def lamb_apply_(param: torch.Tensor, update: torch.Tensor, lr: float, weight_decay: float, adapt: bool) -> None:
+    """Add decoupled weight decay to `update` (fp32, consumed) and move `param` by lr * trust * update.
+
+    The trust ratio ||w|| / ||update|| is computed as tensors (no host sync on CUDA) and is 1
+    where either norm is 0, so a zero-initialised tensor takes an Adam step instead of none.
+    """
+    weight = param.float()  # the parameter itself when it is fp32: read here, written last
+    if weight_decay != 0:
+        update.add_(weight, alpha=weight_decay)
+    if adapt:
+        w_norm, u_norm = weight.norm(), update.norm()
+        update.mul_(torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, 1.0))
+    if weight is param:
+        param.sub_(update, alpha=lr)
+    else:
+        param.copy_(weight.sub_(update, alpha=lr))
+
+
+class LambBase(torch.optim.Optimizer):
+    """What Lamb and Lamb8bit share: hyperparameter checks and a `load_state_dict` that keeps dtypes.
+
+    torch's `Optimizer.load_state_dict` casts every state tensor of a floating-point parameter
+    to the parameter's dtype: Lamb8bit's uint8 codes would become floats, and with bf16
+    parameters the fp32 moments and block scales would lose precision. Here each state tensor
+    keeps the dtype it was saved with. Group keys that a checkpoint lacks (`layer_adaptation`
+    in checkpoints written before it existed) are taken from the groups the optimizer was built
+    with, so a resumed run follows `param_groups()` as it is now.
+    """
+
+    def __init__(self, params: Iterable, defaults: dict):
+        lr, eps, wd, (beta1, beta2) = defaults["lr"], defaults["eps"], defaults["weight_decay"], defaults["betas"]
+        if lr < 0 or eps < 0 or wd < 0 or not (0 <= beta1 < 1 and 0 <= beta2 < 1):
+            raise ValueError(f"invalid LAMB hyperparameters: lr={lr}, betas={defaults['betas']}, eps={eps}, "
+                             f"weight_decay={wd}")
+        super().__init__(params, defaults)
+
+    def _convert_saved_state(self, state_dict: dict) -> dict:
+        """Hook for a subclass to read other state layouts; the identity here."""
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = self._convert_saved_state(state_dict)
+        built = [{k: v for k, v in group.items() if k != "params"} for group in self.param_groups]
+        super().load_state_dict(state_dict)
+        saved_ids = chain.from_iterable(group["params"] for group in state_dict["param_groups"])
+        params = chain.from_iterable(group["params"] for group in self.param_groups)
+        for saved_id, param in zip(saved_ids, params, strict=True):
+            saved = state_dict["state"].get(saved_id)
+            if saved is not None:
+                # a copy: stepping this optimizer must not change the dict it was loaded from
+                self.state[param] = {k: v.to(device=param.device, copy=True) if torch.is_tensor(v) else v
+                                     for k, v in saved.items()}
+        for group, before in zip(self.param_groups, built, strict=True):
+            for key, value in before.items():
+                group.setdefault(key, value)
+
+
+class Lamb(LambBase):
     """LAMB (You et al., 2019): Adam's update rescaled per tensor by ||w|| / ||update||.
 
     The trust ratio lets large batches use a large learning rate: each tensor moves by
     about `lr` times its own norm. Weight decay is part of the update (so it is scaled by
     the trust ratio too), the ratio is 1 where either norm is 0 (fresh zero-initialised
-    biases), and moments are kept in fp32 whatever the parameter dtype.
+    tensors), and moments are kept in fp32 whatever the parameter dtype. Groups with
+    `layer_adaptation: False` (param_groups() sets it on biases and norms) take Adam steps.
     """
 
     def __init__(
@@ -46,11 +129,10 @@ class Lamb(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-6,
         weight_decay: float = 0.0,
+        layer_adaptation: bool = True,
     ):
-        if lr < 0 or eps < 0 or weight_decay < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
-            raise ValueError(f"invalid LAMB hyperparameters: lr={lr}, betas={betas}, eps={eps}, "
-                             f"weight_decay={weight_decay}")
-        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
+                                  "layer_adaptation": layer_adaptation})
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -59,12 +141,10 @@ class Lamb(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                grad = p.grad.float()
-                if grad.is_sparse:
+                if p.grad.is_sparse:
                     raise RuntimeError("LAMB does not support sparse gradients")
                 state = self.state[p]
                 if not state:
@@ -72,18 +152,9 @@ class Lamb(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
                 state["step"] += 1
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.mul_(beta1).add_(grad, alpha=1 - beta1)
-                v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                m_hat = m / (1 - beta1 ** state["step"])
-                v_hat = v / (1 - beta2 ** state["step"])
-                weight = p.float()
-                update = m_hat / (v_hat.sqrt() + group["eps"])
-                if group["weight_decay"] != 0:
-                    update.add_(weight, alpha=group["weight_decay"])
-                w_norm, u_norm = weight.norm(), update.norm()
-                trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
-                p.copy_(weight - group["lr"] * trust * update)
+                update = adam_direction_(p.grad.float(), state["exp_avg"], state["exp_avg_sq"], state["step"],
+                                         group["betas"], group["eps"])
+                lamb_apply_(p, update, group["lr"], group["weight_decay"], group["layer_adaptation"])
         return loss
 
 
@@ -102,26 +173,10 @@ def build_optimizer(
     if name == "lamb":
         return Lamb(param_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     if name == "lamb8bit":
-        return _lamb8bit(param_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        from convmodel.lamb8bit import Lamb8bit
+
+        return Lamb8bit(param_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     raise UserError(f"model.init_args.optimizer: unknown optimizer {name!r}; choose adamw, lamb or lamb8bit")
-
-
-def _lamb8bit(param_groups: list[dict], **kwargs) -> torch.optim.Optimizer:
-    """bitsandbytes' 8-bit LAMB: optimizer state in 8 bits (runs on CPU and CUDA in bitsandbytes >= 0.45)."""
-    import logging
-
-    # bitsandbytes warns at import about an optional 4-bit CPU kernel that LAMB does not use
-    bnb_logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    level = bnb_logger.level
-    bnb_logger.setLevel(logging.ERROR)
-    try:
-        import bitsandbytes as bnb
-    except ImportError as exc:
-        raise UserError("model.init_args.optimizer: lamb8bit needs bitsandbytes "
-                        f"(pip install bitsandbytes) ({exc}); or use optimizer: lamb") from exc
-    finally:
-        bnb_logger.setLevel(level)
-    return bnb.optim.LAMB8bit(param_groups, **kwargs)
 
 
 def lr_factor(step: int, schedule: ScheduleName, warmup_steps: int, total_steps: int | None) -> float:

@@ -89,7 +89,7 @@ class PretrainingModule(pl.LightningModule):
     Args:
         tokenizer: Tokenizer folder; vocabulary size and special ids come from it (linked from data.tokenizer).
         objective: Pretraining objective: mlm, sop or clm (linked from data.objective).
-        optimizer: adamw, lamb (fp32, any device) or lamb8bit (bitsandbytes 8-bit state).
+        optimizer: adamw, lamb (fp32 state) or lamb8bit (the same LAMB step, moments in 8 bits; needs bitsandbytes); LAMB's trust ratio applies to matrices, biases and norms take Adam steps.
         lr: Peak learning rate, reached at the end of warmup.
         weight_decay: Decoupled weight decay, applied to matrices only (not biases or norms).
         betas: Adam/LAMB moment coefficients (beta1, beta2).
