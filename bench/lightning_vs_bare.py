@@ -2,7 +2,7 @@
 
 Same module, same batch, same optimizer and schedule; the bare loop calls the module's own
 `compute_losses` and `configure_optimizers`, so the ratio is what Lightning and our hooks
-(logging, tokens/s, LR monitor, progress bar) add. Rounds alternate between the two so
+(logging of loss, lr and tokens/s, progress bar) add. Rounds alternate between the two so
 that machine noise hits both alike; the ratio of medians and the median of per-round ratios
 are reported. Target: <= 1.05.
 
@@ -45,7 +45,7 @@ def lightning_seconds_per_step(module, batch, steps: int, warmup: int) -> float:
     with tempfile.TemporaryDirectory() as logdir:
         trainer = pl.Trainer(
             accelerator="cpu", devices=1, max_steps=warmup + steps, logger=pl.loggers.TensorBoardLogger(logdir),
-            callbacks=[timer, pl.callbacks.LearningRateMonitor("step")], enable_checkpointing=False,
+            callbacks=[timer], enable_checkpointing=False,
             num_sanity_val_steps=0, log_every_n_steps=10, enable_model_summary=False, enable_progress_bar=True,
         )
         # batch_size=None: the loader hands out the prepared batch as it is, every step

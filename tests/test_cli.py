@@ -122,7 +122,7 @@ def test_trainer_script_fits_then_tests_and_resumes_from_last(workspace, tmp_pat
     val_steps = [step for step, _ in read_scalars(run_dir, "val/loss")]
     assert val_steps[0] == 0 and len(val_steps) == 3  # before training, then every 2 steps
 
-    # test with the YAML's callbacks (ModelCheckpoint, LearningRateMonitor) and the last checkpoint
+    # test with the YAML's callbacks (ModelCheckpoint) and the last checkpoint
     main(["test", *args, "--ckpt_path", "last"])
     assert "test/loss" in capsys.readouterr().out
 

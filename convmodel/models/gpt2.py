@@ -42,10 +42,11 @@ class Gpt2Pretraining(PretrainingModule):
         return self.model.config.n_positions
 
     def compute_losses(self, batch: dict[str, torch.Tensor]) -> Losses:
-        labels = batch["labels"]  # (B, T) = input_ids with padding at -100; the model shifts by one
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
-        targets = labels[:, 1:]  # position t predicts token t + 1
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten())  # (B*(T-1), V)
+        # position t predicts token t + 1: shift the (B, T) labels left and ignore the last
+        # position, rather than slicing the (B, T, V) logits, which would copy them
+        targets = F.pad(batch["labels"][:, 1:], (0, 1), value=-100)  # (B, T)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())  # (B*T, V), a view
         return Losses(loss, loss, (targets != -100).sum())
 
 
