@@ -16,7 +16,6 @@ leaves it in place.
 import importlib
 import os
 import shutil
-import sys
 import tempfile
 from typing import Any
 
@@ -51,6 +50,9 @@ def export_model(
     commit_message: str | None = None,
     dtype: str = "float32",
     overwrite: bool = False,
+    language: str | list[str] | None = None,
+    license: str | None = None,
+    datasets: str | list[str] | None = None,
 ) -> str:
     """Export a convmodel checkpoint as a Hugging Face model folder, optionally pushed to the Hub.
 
@@ -67,6 +69,12 @@ def export_model(
         commit_message: commit message of the upload.
         dtype: float32, float16 or bfloat16: the precision of the saved weights.
         overwrite: replace output_dir if it exists and is not empty.
+        language: the model card's `language` metadata: ISO 639-1 codes of the training text
+            (en, or a comma-separated list); left out of the card when not given.
+        license: the model card's `license` metadata, a Hub license id (e.g. apache-2.0, mit);
+            left out when not given: only the model's owner can choose it.
+        datasets: the model card's `datasets` metadata: Hub dataset ids the model was trained on
+            (comma-separated); left out when not given.
 
     Returns:
         output_dir.
@@ -77,6 +85,7 @@ def export_model(
         raise UserError(f"--dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
     if push_to_hub is not None:
         push_to_hub = check_repo_id(str(push_to_hub))
+    metadata = card_metadata(language, license, datasets)
     check_output_dir(output_dir, overwrite)
     checkpoint = read_checkpoint(ckpt_path)
     run_config = read_run_config(config) if config is not None else {}
@@ -93,7 +102,7 @@ def export_model(
           f"exporting {type(model).__name__} ({dtype})")
 
     write_folder(output_dir, overwrite, lambda folder: save_folder(
-        folder, model, hf_tokenizer, model_card(model, module, summary, push_to_hub or output_dir)))
+        folder, model, hf_tokenizer, model_card(model, module, summary, push_to_hub or output_dir, metadata)))
     print(f"Saved the model to {output_dir}")
     if push_to_hub is not None:
         message = commit_message or f"Export {type(model).__name__} at step {summary['global_step']} with convmodel"
@@ -342,6 +351,7 @@ def training_summary(checkpoint: dict, run_config: dict, class_path: str) -> dic
         "global_step": int(checkpoint.get("global_step", 0)),
         "epoch": int(checkpoint.get("epoch", 0)),
         "metrics": recorded_metrics(checkpoint),
+        "metrics_step": _metrics_step(checkpoint),
         "config": _plain(training_config),
     }
 
@@ -364,6 +374,17 @@ def recorded_metrics(checkpoint: dict) -> dict[str, float]:
     return metrics
 
 
+def _metrics_step(checkpoint: dict) -> int | None:
+    """The global step of the validation behind the recorded metrics, when the checkpoint says it.
+
+    A step's checkpoint (ModelCheckpoint's every_n_train_steps) is written before that step's
+    validation runs, so the recorded val/* can be an earlier validation's; only this step tells.
+    """
+    ours = checkpoint.get("convmodel")
+    step = ours.get("metrics_step") if isinstance(ours, dict) else None
+    return int(step) if isinstance(step, int) and not isinstance(step, bool) else None
+
+
 def _is_number(value) -> bool:
     try:
         return value is not None and float(value) == float(value)  # NaN is no result
@@ -384,7 +405,69 @@ def _plain(value):
     return str(value)
 
 
-def model_card(model, module, summary: dict, name: str) -> str:
+def card_metadata(language, license, datasets) -> dict[str, Any]:
+    """The card's optional YAML fields from --language, --license and --datasets, checked before any work."""
+    metadata: dict[str, Any] = {}
+    for option, value in (("language", language), ("datasets", datasets)):
+        if value is None:
+            continue
+        items = value.split(",") if isinstance(value, str) else list(value) if isinstance(value, list | tuple) else None
+        items = [str(item).strip() for item in items or [] if str(item).strip()]
+        if not items:
+            raise UserError(f"--{option} {value!r} names nothing; give e.g. --{option} "
+                            + ("en (or en,ja)" if option == "language" else "wikitext (or several, comma-separated)"))
+        metadata[option] = items[0] if option == "language" and len(items) == 1 else items
+    if license is not None:
+        if not isinstance(license, str) or not license.strip() or " " in license.strip():
+            raise UserError(f"--license {license!r} is not a license id; give a Hub license id such as apache-2.0")
+        metadata["license"] = license.strip()
+    return metadata
+
+
+def metrics_lines(summary: dict) -> str:
+    """The card's validation results, saying which step they were measured at.
+
+    "final" only when the checkpoint records that its validation ran at its own step: a step's
+    checkpoint is written before that step's validation, so val/loss may be an earlier one's.
+    """
+    metrics, step, measured = summary["metrics"], summary["global_step"], summary.get("metrics_step")
+    val_loss = metrics.get("val/loss")
+    if val_loss is None:
+        loss_line = "- final validation loss: not recorded in the checkpoint\n"
+    else:
+        value = f"{val_loss:.4f}" + (f" (perplexity {metrics['val/ppl']:.2f})" if "val/ppl" in metrics else "")
+        if measured == step:
+            loss_line = f"- final validation loss: {value}\n"
+        elif measured is not None:
+            loss_line = (f"- validation loss at step {measured}: {value} (the last validation before the "
+                         f"checkpoint of step {step})\n")
+        else:
+            loss_line = (f"- last validation loss before the checkpoint: {value} (the checkpoint does not record "
+                         "the step it was measured at)\n")
+    others = "".join(f"- {k}: {v:.4f}\n" for k, v in sorted(metrics.items()) if k not in ("val/loss", "val/ppl"))
+    return loss_line + others
+
+
+def usage_example(pipeline_tag: str, auto_class: str, name: str, trust: str) -> str:
+    """The card's Python example; for text generation, the prompt and its continuation decoded together.
+
+    transformers' text-generation pipeline decodes the new tokens apart from the prompt; a
+    sentencepiece tokenizer drops the space at the start of a decoded text, so the pipeline
+    would glue the two ("Return the list ofthe list").
+    """
+    load = (f'tokenizer = AutoTokenizer.from_pretrained("{name}"{trust})\n'
+            f'model = {auto_class}.from_pretrained("{name}"{trust})\n')
+    if pipeline_tag == "fill-mask":
+        return (f"from transformers import AutoTokenizer, {auto_class}, pipeline\n\n{load}\n"
+                f'fill = pipeline("fill-mask", model=model, tokenizer=tokenizer)\n'
+                'print(fill("The capital of France is [MASK]."))\n')
+    return (f"from transformers import AutoTokenizer, {auto_class}\n\n{load}\n"
+            'inputs = tokenizer("The meaning of life is", return_tensors="pt")\n'
+            "output = model.generate(**inputs, max_new_tokens=20, do_sample=True, top_k=40)\n"
+            "print(tokenizer.decode(output[0], skip_special_tokens=True))  # the prompt and its continuation\n")
+
+
+def model_card(model, module, summary: dict, name: str, metadata: dict[str, Any] | None = None) -> str:
     """README.md: what the model is, how it was trained and how to load it."""
     import yaml
 
@@ -394,20 +477,8 @@ def model_card(model, module, summary: dict, name: str) -> str:
     remote = bool(getattr(model.config, "auto_map", None))
     trust = ", trust_remote_code=True" if remote else ""
     tags = ["convmodel", model.config.model_type, objective]
-    metrics = summary["metrics"]
-    val_loss = metrics.get("val/loss")
-    loss_line = (f"{val_loss:.4f}" + (f" (perplexity {metrics['val/ppl']:.2f})" if "val/ppl" in metrics else "")
-                 if val_loss is not None else "not recorded in the checkpoint")
-    other_metrics = "".join(f"- {k}: {v:.4f}\n" for k, v in sorted(metrics.items()) if k not in ("val/loss",
-                                                                                                    "val/ppl"))
-    if pipeline_tag == "fill-mask":
-        mask = "[MASK]"
-        example = f'fill = pipeline("fill-mask", "{name}"{trust})\nprint(fill("The capital of France is {mask}."))'
-    else:
-        example = (f'generate = pipeline("text-generation", "{name}"{trust})\n'
-                   'print(generate("The meaning of life is", max_new_tokens=20))')
-    front_matter = yaml.safe_dump({"library_name": "transformers", "pipeline_tag": pipeline_tag, "tags": tags},
-                                  sort_keys=False)
+    front_matter = yaml.safe_dump({**(metadata or {}), "library_name": "transformers", "pipeline_tag": pipeline_tag,
+                                   "tags": tags}, sort_keys=False, allow_unicode=True)
     config_yaml = yaml.safe_dump(summary["config"], sort_keys=False, allow_unicode=True)
     remote_note = ("\nThe model's code ships in this folder (modeling_*.py), hence `trust_remote_code=True`; "
                    "read it before running it.\n" if remote else "")
@@ -423,8 +494,7 @@ convmodel ({type(module).__name__}, objective `{objective}`).
 
 - optimizer steps: {summary['global_step']}
 - epoch: {summary['epoch']}
-- final validation loss: {loss_line}
-{other_metrics}
+{metrics_lines(summary)}
 Training config (from the checkpoint):
 
 ```yaml
@@ -433,13 +503,7 @@ Training config (from the checkpoint):
 ## How to use
 
 ```python
-from transformers import AutoTokenizer, {auto_class}, pipeline
-
-tokenizer = AutoTokenizer.from_pretrained("{name}"{trust})
-model = {auto_class}.from_pretrained("{name}"{trust})
-
-{example}
-```
+{usage_example(pipeline_tag, auto_class, name, trust)}```
 {remote_note}"""
 
 
@@ -548,6 +612,11 @@ def fill_mask(model_dir: str, text: str, top_k: int = 5, trust_remote_code: bool
         raise UserError(f"--model_dir {model_dir} has no config.json; give a folder written by export_model.py")
     with open(config_file, encoding="utf-8") as f:
         config = json.load(f)
+    if is_causal_lm(config):
+        raise UserError(f"--model_dir {model_dir} holds a causal language model "
+                        f"({', '.join(config.get('architectures') or [config.get('model_type', '?')])}), which has "
+                        f"no [MASK] to fill; continue a prompt instead: trainer/generate.py --model_dir {model_dir} "
+                        "--prompt 'The function returns'")
     if config.get("auto_map") and not trust_remote_code:
         raise UserError(f"--model_dir {model_dir} ships its own model code (modeling_*.py); read it, then add "
                         "--trust_remote_code to run it")
@@ -561,27 +630,26 @@ def fill_mask(model_dir: str, text: str, top_k: int = 5, trust_remote_code: bool
     return fill(text, top_k=top_k)
 
 
+def is_causal_lm(config: dict) -> bool:
+    """Whether a config.json describes a causal (left-to-right) LM: its class, is_decoder or a GPT-2."""
+    architectures = config.get("architectures") or []
+    return (bool(config.get("is_decoder")) or config.get("model_type") == "gpt2"
+            or any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in architectures))
+
+
 # ---- entry points ----------------------------------------------------------------------------
 
 
-def _run(function, argv: list[str] | None, name: str):
-    """Call `function` with fire; mistakes end in one `error:` line (exit 2), a failed upload in exit 1."""
-    import fire
+def run_tool(function, argv: list[str] | None, name: str):
+    """convmodel.tool_cli.run_tool with a failed upload (PushError) ending in exit 1."""
+    from convmodel.tool_cli import run_tool as run_checked
 
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        return fire.Fire(function, command=argv, name=name, serialize=lambda _: None)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except PushError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+    return run_checked(function, argv, name, failures={PushError: 1})
 
 
 def main(argv: list[str] | None = None) -> None:
     """`export_model.py --ckpt_path P --output_dir DIR [...]` (see export_model)."""
-    _run(export_model, argv, "export_model.py")
+    run_tool(export_model, argv, "export_model.py")
 
 
 def fill_mask_main(argv: list[str] | None = None) -> None:
@@ -601,4 +669,4 @@ def fill_mask_main(argv: list[str] | None = None) -> None:
         for rank, prediction in enumerate(predictions, start=1):
             print(f"{rank:>3}. {prediction['token_str']!r:<16} {prediction['score']:.4f}  {prediction['sequence']}")
 
-    _run(run, argv, "fill_mask.py")
+    run_tool(run, argv, "fill_mask.py")

@@ -118,12 +118,9 @@ def summarize(
     return drop
 
 
-def main() -> None:
-    import sys
-
-    import fire
-
-    from convmodel.errors import user_message
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of trainer/show_metrics.py: flags checked first, a failed check is one `error:` line, exit 2."""
+    from convmodel.tool_cli import run_tool
 
     def show(
         logdir: str, tag: str = "val/loss", min_drop: float | None = None, min_below_baseline: float | None = None
@@ -134,12 +131,9 @@ def main() -> None:
             logdir: the TensorBoard logger's save_dir (its newest version_N is read) or a folder of event files.
             tag: the scalar to show; val/loss is also compared with val/unigram_baseline when the run logged it.
             min_drop: exit 2 unless the last value is at least this share below the first (0.2 = 20%).
-            min_below_baseline: exit 2 unless the last val/loss is at least this many nats below val/unigram_baseline (negative: at most that far above; no baseline logged also fails).
+            min_below_baseline: exit 2 unless the last val/loss is at least this many nats below
+                val/unigram_baseline (negative: at most that far above; no baseline logged also fails).
         """
         summarize(str(logdir), tag, min_drop, min_below_baseline)  # fire would print the returned number otherwise
 
-    try:
-        fire.Fire(show)
-    except UserError as exc:
-        print(f"error: {user_message(exc)}", file=sys.stderr)
-        sys.exit(2)
+    run_tool(show, argv, "show_metrics.py")

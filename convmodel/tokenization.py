@@ -351,14 +351,11 @@ def bpe_merges(proto) -> list[tuple[str, str]]:
 
 def main(argv: list[str] | None = None) -> None:
     """`train_tokenizer.py --input FILES --output_dir DIR [--vocab_size N] ...` (see train_tokenizer)."""
-    import fire
+    from convmodel.tool_cli import run_tool
 
     argv = join_input_arguments(sys.argv[1:] if argv is None else argv)
     start = time.perf_counter()
-    try:
-        output_dir = fire.Fire(train_tokenizer, command=argv, name="train_tokenizer.py", serialize=lambda _: None)
-    except UserError as exc:
-        sys.exit(f"error: {exc}")
+    output_dir = run_tool(train_tokenizer, argv, "train_tokenizer.py")
     print(f"Saved the tokenizer to {output_dir} in {time.perf_counter() - start:.1f} s.")
 
 

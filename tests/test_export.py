@@ -179,7 +179,8 @@ def test_folder_has_config_safetensors_tokenizer_and_card(family, exported):
         assert "final validation loss: not recorded" in card
     else:
         [state] = [s for name, s in checkpoint["callbacks"].items() if name.startswith("ModelCheckpoint")]
-        assert f"final validation loss: {float(state['current_score']):.4f}" in card
+        # the checkpoint does not say at which step its val/loss was measured, and the card says so
+        assert f"last validation loss before the checkpoint: {float(state['current_score']):.4f}" in card
 
 
 def test_relative_tokenizer_path_is_found_from_the_checkpoint(exported, workspace):
@@ -447,8 +448,86 @@ def test_metrics_and_class_recorded_by_convmodel_reach_the_card(exported, tmp_pa
     code, err = run_export(["--ckpt_path", str(recorded), "--output_dir", str(tmp_path / "out")], capsys)
     assert code == 0, err
     card = (tmp_path / "out" / "README.md").read_text()
-    assert "final validation loss: 2.5000 (perplexity 12.18)" in card and "train/loss: 2.7500" in card
+    assert "last validation loss before the checkpoint: 2.5000 (perplexity 12.18)" in card
+    assert "train/loss: 2.7500" in card and "final validation loss" not in card
+    for measured, line in ((checkpoint["global_step"], "final validation loss: 2.5000 (perplexity 12.18)"),
+                           (1, f"validation loss at step 1: 2.5000 (perplexity 12.18) (the last validation before "
+                               f"the checkpoint of step {checkpoint['global_step']})")):
+        checkpoint["convmodel"]["metrics_step"] = measured
+        torch.save(checkpoint, recorded)
+        code, err = run_export(["--ckpt_path", str(recorded), "--output_dir", str(tmp_path / "out"), "--overwrite"],
+                               capsys)
+        assert code == 0, err
+        assert line in (tmp_path / "out" / "README.md").read_text()
     checkpoint["convmodel"]["class_path"] = "convmodel.models.renamed.BertPretraining"
     torch.save(checkpoint, recorded)
     code, err = run_export(["--ckpt_path", str(recorded), "--output_dir", str(tmp_path / "out2")], capsys)
     assert_one_error_line(code, err, "convmodel.models.renamed.BertPretraining", "cannot be imported")
+
+
+def test_misspelled_flag_exports_nothing_and_names_the_flag(exported, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, err = run_export(["--ckpt_path", str(exported["bert-sop"][0]), "--output_dir", str(out), "--dtyp",
+                            "float16"], capsys)
+    assert_one_error_line(code, err, "unknown option --dtyp; did you mean --dtype?")
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_fill_mask_refuses_a_causal_lm_and_points_to_generate(exported, capsys):
+    folder = str(exported["gpt2-clm"][1])
+    with pytest.raises(SystemExit) as info:
+        fill_mask_main(["--model_dir", folder, "--text", SENTENCE])
+    assert_one_error_line(info.value.code, capsys.readouterr().err, "causal language model (GPT2LMHeadModel)",
+                          f"trainer/generate.py --model_dir {folder}")
+
+
+def card_python(folder: Path) -> str:
+    card = (folder / "README.md").read_text()
+    return card.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_card_generation_example_prints_the_prompt_and_its_continuation(exported, capsys):
+    """The card's example, run as a user pastes it: prompt and continuation with the space between them.
+
+    The text-generation pipeline decodes the continuation alone, and the sentencepiece decoder
+    drops the space a decoded text starts with: `prompt + continuation` glues two words.
+    """
+    folder = exported["gpt2-clm"][1]
+    code = card_python(folder)
+    assert f'from_pretrained("{folder}")' in code and "pipeline" not in code
+    prompt = "The meaning of life is"
+    for seed in range(20):  # until the first new token starts a word, where the gluing shows
+        torch.manual_seed(seed)
+        namespace: dict = {}
+        exec(code, namespace)
+        printed = capsys.readouterr().out.rstrip("\n")
+        tokenizer, output = namespace["tokenizer"], namespace["output"]
+        prompt_length = len(tokenizer(prompt).input_ids)
+        new_ids = output[0][prompt_length:].tolist()
+        if not new_ids or not tokenizer.convert_ids_to_tokens(new_ids[0]).startswith("\u2581"):
+            continue
+        glued = prompt + tokenizer.decode(new_ids, skip_special_tokens=True)  # what the pipeline prints
+        assert printed.startswith(prompt + " ") and printed != glued, printed
+        assert printed == prompt + " " + tokenizer.decode(new_ids, skip_special_tokens=True)
+        break
+    else:
+        pytest.fail("no seed gave a continuation that starts a new word")
+
+
+def front_matter(folder: Path) -> dict:
+    return yaml.safe_load((folder / "README.md").read_text().split("---\n")[1])
+
+
+def test_card_metadata_language_license_datasets(exported, tmp_path, capsys):
+    assert not {"language", "license", "datasets"} & set(front_matter(exported["bert-sop"][1]))
+    out = tmp_path / "out"
+    code, err = run_export(["--ckpt_path", str(exported["bert-sop"][0]), "--output_dir", str(out), "--language", "en",
+                            "--license", "apache-2.0", "--datasets", "wikitext,org/corpus"], capsys)
+    assert code == 0, err
+    meta = front_matter(out)
+    assert (meta["language"], meta["license"], meta["datasets"]) == ("en", "apache-2.0", ["wikitext", "org/corpus"])
+    assert meta["pipeline_tag"] == "fill-mask"
+    code, err = run_export(["--ckpt_path", str(exported["bert-sop"][0]), "--output_dir", str(tmp_path / "bad"),
+                            "--license", "my license"], capsys)
+    assert_one_error_line(code, err, "--license 'my license' is not a license id")
+    assert not (tmp_path / "bad").exists()

@@ -277,5 +277,5 @@ def test_script_prints_user_errors_without_a_traceback(tmp_path):
         timeout=60,
         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
     )
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert result.stderr.strip() == f"error: --input {tmp_path / 'none.txt'}: no such file. Check the path (quote glob patterns)."

@@ -77,6 +77,33 @@ class AuxPeerOptions:
                                     help=option.metadata["help"])
 
     @classmethod
+    def help_text(cls) -> str:
+        """`run_aux_peer.py --help`: these options, then a pointer to the trainers' options it also takes.
+
+        LightningCLI's own help lists every trainer, model and data option (hundreds of lines),
+        which the auxiliary peer reads from the YAML but does not use itself.
+        """
+        import textwrap
+
+        lines = ["usage: run_aux_peer.py --config CONFIG.yaml [options] [trainer.py overrides]", "",
+                 "Join the trainers' swarm as its monitor, checkpoint store and averaging helper (no GPU needed).",
+                 "", "options:", "  --config CONFIG.yaml",
+                 "      the trainers' collaborative YAML (trainer.strategy: HivemindStrategy),",
+                 "      e.g. configs/collaborative/bert-tiny.yaml"]
+        for option in dataclasses.fields(cls):
+            flag = f"--{option.name}" if option.type is bool else f"--{option.name} {option.name.upper()}"
+            default = "" if option.default is None or option.type is bool else f" (default: {option.default})"
+            lines.append(f"  {flag}")
+            lines += textwrap.wrap(option.metadata["help"] + default, 100, initial_indent=" " * 6,
+                                   subsequent_indent=" " * 6)
+        lines += ["  -h, --help", "      print this help and exit", "",
+                  "The trainers' options are accepted too and override the YAML as in trainer.py, e.g.",
+                  "--trainer.strategy.init_args.initial_peers '[/ip4/...]' or --data.tokenizer DIR; they are "
+                  "listed by",
+                  "`python trainer/trainer.py fit --help`."]
+        return "\n".join(lines)
+
+    @classmethod
     def from_config(cls, config) -> "AuxPeerOptions":
         return cls(**{option.name: config[option.name] for option in dataclasses.fields(cls)})
 
@@ -477,7 +504,7 @@ def build_aux_peer(argv: list[str]) -> AuxiliaryPeer:
     """Parse the trainers' YAML and our options into an AuxiliaryPeer (nothing joins the swarm yet)."""
     from convmodel.collaborative.strategy import HivemindStrategy
 
-    if not _has_config(argv) and not any(arg in ("-h", "--help") for arg in argv):
+    if not _has_config(argv):
         raise UserError("--config is required: the YAML the trainers use (its trainer.strategy is a "
                         "HivemindStrategy), e.g. --config configs/collaborative/bert-tiny.yaml")
     # we pass the arguments ourselves; Lightning warns when sys.argv is also set
@@ -496,6 +523,9 @@ def build_aux_peer(argv: list[str]) -> AuxiliaryPeer:
 def main(argv: list[str] | None = None) -> None:
     """`run_aux_peer.py --config X.yaml [options]`; a user mistake ends with one `error:` line, exit 2."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(AuxPeerOptions.help_text())
+        sys.exit(0)
     enable_docstring_help()
     try:
         exit_on_user_error(lambda: build_aux_peer(argv).run())

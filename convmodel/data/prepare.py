@@ -17,7 +17,6 @@ import glob
 import json
 import os
 import random
-import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -500,10 +499,8 @@ def format_summary(summary: Summary, objective: str, output_dir: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of trainer/prepare_train_data.py (fire): errors a user can fix print without traceback."""
-    import fire
-
-    from convmodel.errors import user_message
+    """Entry point of trainer/prepare_train_data.py: flags checked first, errors a user can fix in one line."""
+    from convmodel.tool_cli import run_tool
 
     def run(
         input: str | list[str],
@@ -537,8 +534,4 @@ def main(argv: list[str] | None = None) -> None:
         )
         print(format_summary(summary, objective, output_dir))
 
-    try:
-        fire.Fire(run, command=argv)
-    except UserError as exc:
-        print(f"error: {user_message(exc)}", file=sys.stderr)
-        sys.exit(2)
+    run_tool(run, argv, "prepare_train_data.py")
