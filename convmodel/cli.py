@@ -3,9 +3,18 @@
 `trainer.py --config configs/bert-tiny.yaml` trains (`fit` is implied); `trainer.py test
 --config ... --ckpt_path last` evaluates. Every knob is a YAML key with its docstring in
 `--help`, and `--print_config` shows the full resolved config.
+
+Around Lightning's subcommands: `--ckpt_path` is checked first (convmodel.ckpt_path: `last` is
+this run's last.ckpt, a broken file or a test without a checkpoint is one error line), a fresh
+fit into another run's checkpoint folder is refused (`--overwrite_checkpoints true` replaces
+it), a resume says where it starts and whether the schedule still has steps, fit ends with a
+summary (convmodel.fit_summary), and Ctrl-C/SIGTERM save last.ckpt and print the resume
+command (convmodel.run_checkpoint), exiting 130/143 like a process stopped by that signal.
 """
 
+import os
 import re
+import shlex
 import sys
 import warnings
 
@@ -15,6 +24,8 @@ from convmodel.errors import UserError, user_message
 from convmodel.heap import keep_heap_from_growing
 
 SUBCOMMANDS = ("fit", "validate", "test")
+#: exit status after Ctrl-C / SIGTERM, as a shell reports a process stopped by that signal
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 
 
 class ConvmodelArgumentParser(LightningArgumentParser):
@@ -58,6 +69,8 @@ class ConvmodelCLI(LightningCLI):
     """
 
     def __init__(self, *args, **kwargs):
+        self.argv = list(kwargs.get("args") or [])
+        self._nothing_to_do = False
         import convmodel.collaborative  # noqa: F401  (registers `trainer.strategy: hivemind`)
         from convmodel.data import JsonlDataModule
         from convmodel.models import PretrainingModule
@@ -78,6 +91,125 @@ class ConvmodelCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.tokenizer", "model.init_args.tokenizer")
         parser.link_arguments("data.objective", "model.init_args.objective")
+        parser.add_argument(
+            "--overwrite_checkpoints", type=bool, default=False,
+            help="fit without --ckpt_path into a checkpoint folder that holds an earlier run's checkpoints: "
+                 "delete them and start a new run there (otherwise that is refused)")
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI torch.loads a --ckpt_path file here, before any hook, to read saved
+        # hyperparameters: check the file first, and skip that second full load when it has none
+        from convmodel.ckpt_path import read_checkpoint
+
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if path and path not in ("last", "best", "hpc") and read_checkpoint(path).get("hyper_parameters"):
+            super()._parse_ckpt_path()
+
+    def instantiate_trainer(self, **kwargs):
+        """The trainer, with StepProgressBar unless the config chose a progress bar or turned bars off."""
+        from pytorch_lightning.callbacks import ProgressBar
+
+        from convmodel.progress import StepProgressBar
+
+        config = self._get(self.config_init, "trainer", default={}) or {}
+        callbacks = config.get("callbacks") or []
+        callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            kwargs["callbacks"] = [*callbacks, StepProgressBar()]
+        return super().instantiate_trainer(**kwargs)
+
+    # ---- around the subcommands ---------------------------------------------------------
+
+    def command(self, subcommand: str, ckpt_path: str | None = None) -> list[str]:
+        """This run's command line as `subcommand` (with `--ckpt_path` replaced), for the messages."""
+        args, skip = [], False
+        for arg in self.argv[1:] if self.argv and self.argv[0] in SUBCOMMANDS else self.argv:
+            if skip:
+                skip = False
+            elif arg in ("--ckpt_path", "--overwrite_checkpoints"):
+                skip = True
+            elif not arg.startswith(("--ckpt_path=", "--overwrite_checkpoints=")):
+                args.append(arg)
+        script = sys.argv[0] if sys.argv and sys.argv[0].endswith("trainer.py") else "trainer/trainer.py"
+        return ["python", script, subcommand, *args, *(["--ckpt_path", ckpt_path] if ckpt_path else [])]
+
+    def _checked_ckpt_path(self, subcommand: str) -> str | None:
+        from convmodel.ckpt_path import resolve_ckpt_path
+
+        config = self.config_init[subcommand]
+        path = resolve_ckpt_path(subcommand, config.get("ckpt_path"), self.trainer,
+                                 bool(config.get("overwrite_checkpoints")))
+        config["ckpt_path"] = path
+        return path
+
+    def before_fit(self) -> None:
+        from convmodel.run_checkpoint import RunCheckpoint
+
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, RunCheckpoint):
+                callback.resume_command = shlex.join(self.command("fit", "last"))
+        path = self._checked_ckpt_path("fit")
+        step = 0
+        max_steps = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else None
+        if path is not None:
+            from convmodel.ckpt_path import read_checkpoint_step
+
+            step = read_checkpoint_step(path)
+            of = f" of {max_steps} (trainer.max_steps)" if max_steps else ""
+            if max_steps is not None and step >= max_steps:
+                print(f"[convmodel] resuming at step {step}{of}: nothing to do; raise --trainer.max_steps to "
+                      "train longer", file=sys.stderr, flush=True)
+                self._nothing_to_do = True
+                return
+            print(f"[convmodel] resuming at step {step}{of} from {path}", flush=True)
+        check_schedule(self.model, self.trainer, step, max_steps)
+
+    def fit(self, model, **kwargs) -> None:
+        if not self._nothing_to_do:
+            self.trainer.fit(model, **kwargs)
+
+    def after_fit(self) -> None:
+        if self._nothing_to_do or not self.trainer.is_global_zero:
+            return
+        from convmodel.ckpt_path import checkpoint_folder
+        from convmodel.fit_summary import fit_summary
+        from convmodel.run_checkpoint import LAST
+
+        folder = checkpoint_folder(self.trainer)
+        last = os.path.join(folder, LAST) if folder else None
+        checkpoint = last if last and os.path.isfile(last) else None
+        print(fit_summary(self.trainer, checkpoint, self.command("test", "last"), self.command("fit", "last")),
+              flush=True)
+
+    def before_validate(self) -> None:
+        self._checked_ckpt_path("validate")
+
+    def before_test(self) -> None:
+        self._checked_ckpt_path("test")
+
+
+def check_schedule(model, trainer, step: int, max_steps: int | None) -> None:
+    """A linear schedule that ends before trainer.max_steps would train the remaining steps at lr 0.
+
+    Skipped where the strategy steps the schedule itself (HivemindStrategy counts collaborative
+    epochs, not local batches, so its total_steps is not comparable with max_steps).
+    """
+    from convmodel.collaborative import HivemindStrategy
+
+    if getattr(model, "schedule", None) != "linear" or max_steps is None or isinstance(trainer.strategy,
+                                                                                         HivemindStrategy):
+        return
+    total = model.total_steps or max_steps
+    if total >= max_steps:
+        return
+    if step >= total:
+        raise UserError(
+            f"the linear schedule ended at step {total} (model.init_args.total_steps): resuming at step {step} "
+            f"to trainer.max_steps {max_steps} would train at learning rate 0; raise model.init_args.total_steps "
+            f"to {max_steps} (or leave it out to follow trainer.max_steps), or use model.init_args.schedule constant")
+    warnings.warn(f"model.init_args.total_steps ({total}) < trainer.max_steps ({max_steps}): the linear schedule "
+                  f"reaches 0 at step {total}, so steps {total}-{max_steps} train at learning rate 0", stacklevel=2)
 
 
 def enable_docstring_help() -> None:
@@ -128,4 +260,25 @@ def main(argv: list[str] | None = None) -> None:
     enable_docstring_help()
     # we pass the arguments ourselves (with `fit` inserted); Lightning warns when sys.argv is also set
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-    exit_on_user_error(lambda: ConvmodelCLI(args=argv))
+    try:
+        exit_on_user_error(lambda: ConvmodelCLI(args=argv))
+    except SystemExit as exc:
+        status = interrupt_exit_status(exc)
+        if status is None:
+            raise
+        sys.exit(status)
+
+
+def interrupt_exit_status(exc: SystemExit) -> int | None:
+    """130 after Ctrl-C, 143 after SIGTERM (Lightning exits 1 and 0 there), None for any other exit.
+
+    Lightning turns a KeyboardInterrupt into `sys.exit(1)` inside its handler (so the exit's
+    context is the KeyboardInterrupt) and SIGTERM into a SIGTERMException, a SystemExit.
+    """
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    if isinstance(exc, SIGTERMException):
+        return EXIT_SIGTERM
+    if isinstance(exc.__context__, KeyboardInterrupt):
+        return EXIT_SIGINT
+    return None

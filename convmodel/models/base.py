@@ -80,7 +80,43 @@ def make_hf_config(config_class: type, user: dict | None, fixed: dict, option: s
         problems.append(f"{from_tokenizer} come(s) from the tokenizer (data.tokenizer); remove them")
     if problems:
         raise UserError(f"{option}: " + "; ".join(problems))
+    defaults = {n: p.default for n, p in signature.items() if p.default is not p.empty}
+    attribute_map = getattr(config_class, "attribute_map", {})
+    for key, value in user.items():
+        default = defaults.get(attribute_map.get(key, key))
+        user[key] = typed_config_value(value, default, f"{option}.{key}", config_class.__name__)
     return config_class(**user, **fixed)
+
+
+def typed_config_value(value, default, option: str, class_name: str):
+    """A command-line string as the type of the config class's default (`num_hidden_layers 4` is 4, not '4').
+
+    jsonargparse cannot know the types inside the free-form `config` dict, so
+    `--model.init_args.config.num_hidden_layers 4` arrives as the string '4', which transformers
+    accepts and the model build then fails on far from the option. Strings stay strings where
+    the default is a string (`hidden_act gelu`).
+    """
+    if not isinstance(value, str) or isinstance(default, str):
+        return value
+    import yaml
+
+    kind = type(default)
+    try:
+        if kind is int:
+            return int(value)
+        if kind is float:
+            return float(value)  # also 1e-3, which YAML 1.1 reads as a string
+        parsed = yaml.safe_load(value)
+    except (ValueError, yaml.YAMLError):
+        parsed = value
+    if default is None or (kind is bool and isinstance(parsed, bool)) or (kind in (list, tuple) and isinstance(
+            parsed, list)) or (kind is dict and isinstance(parsed, dict)) or kind not in (bool, int, float, list,
+                                                                                           tuple, dict):
+        return parsed
+    wanted = {bool: "true or false", int: "an int", float: "a number", list: "a list", tuple: "a list",
+              dict: "a mapping"}[kind]
+    raise UserError(f"{option}: {value!r} is not {wanted} (the type of {class_name}'s default {default!r}); "
+                    f"give e.g. {default!r}")
 
 
 class PretrainingModule(pl.LightningModule):
