@@ -514,6 +514,12 @@ def test_card_generation_example_prints_the_prompt_and_its_continuation(exported
         pytest.fail("no seed gave a continuation that starts a new word")
 
 
+def test_card_fill_mask_example_runs(exported, capsys):
+    exec(card_python(exported["bert-mlm"][1]), {})
+    printed = capsys.readouterr().out
+    assert "'token_str'" in printed and "[MASK]" not in printed.split("'sequence'")[1]
+
+
 def front_matter(folder: Path) -> dict:
     return yaml.safe_load((folder / "README.md").read_text().split("---\n")[1])
 
