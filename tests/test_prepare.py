@@ -181,3 +181,13 @@ def test_command_line_prints_summary_or_error(tmp_path, tokenizer_dir, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --output_dir") and "Traceback" not in err
+
+
+def test_command_line_takes_a_glob_the_shell_expanded(tmp_path, tokenizer_dir, capsys):
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.txt").write_text(f"Kato {name} mira su.\nLo pe di.\n", encoding="utf-8")
+    main(["--input", str(tmp_path / "a.txt"), str(tmp_path / "b.txt"), "--tokenizer", tokenizer_dir,
+          "--output_dir", str(tmp_path / "out"), "--num_workers", "1"])
+    assert "mlm records" in capsys.readouterr().out
+    text = "".join(path.read_text() for path in (tmp_path / "out").glob("part-*.jsonl"))
+    assert text.count("input_ids") == 2  # one record per file: both files were read

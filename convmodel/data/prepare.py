@@ -500,6 +500,9 @@ def format_summary(summary: Summary, objective: str, output_dir: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of trainer/prepare_train_data.py: flags checked first, errors a user can fix in one line."""
+    import sys
+
+    from convmodel.tokenization import join_input_arguments
     from convmodel.tool_cli import run_tool
 
     def run(
@@ -534,4 +537,5 @@ def main(argv: list[str] | None = None) -> None:
         )
         print(format_summary(summary, objective, output_dir))
 
-    run_tool(run, argv, "prepare_train_data.py")
+    # `--input a.txt b.txt` (a glob the shell expanded) as one comma-separated --input
+    run_tool(run, join_input_arguments(sys.argv[1:] if argv is None else argv), "prepare_train_data.py")
