@@ -9,10 +9,13 @@ how many batches it has done.
 
 from __future__ import annotations
 
-from pytorch_lightning.callbacks import TQDMProgressBar
-from pytorch_lightning.callbacks.progress.tqdm_progress import convert_inf
+import sys
 
-UNKNOWN_TOTAL_FORMAT = "{desc}: {n_fmt} batches [{elapsed}, {rate_noinv_fmt}{postfix}]"
+from pytorch_lightning.callbacks import TQDMProgressBar
+from pytorch_lightning.callbacks.progress.tqdm_progress import Tqdm, convert_inf
+
+STEP_DESCRIPTION = "Training step"
+UNKNOWN_TOTAL_FORMAT = "{desc}{n_fmt} batches [{elapsed}, {rate_noinv_fmt}{postfix}]"
 
 
 def _max_steps(trainer) -> int | None:
@@ -22,15 +25,27 @@ def _max_steps(trainer) -> int | None:
 class StepProgressBar(TQDMProgressBar):
     """TQDMProgressBar counting optimizer steps of max_steps; evaluation bars without a made-up total."""
 
-    def on_train_epoch_start(self, trainer, *args) -> None:
-        max_steps = _max_steps(trainer)
-        if max_steps is None:  # no step budget: Lightning's per-epoch bar
-            return super().on_train_epoch_start(trainer, *args)
-        bar = self.train_progress_bar
-        bar.total = max_steps
+    def _count_steps(self, trainer, bar=None) -> None:
+        bar = bar if bar is not None else self.train_progress_bar
+        bar.total = _max_steps(trainer)
         bar.n = trainer.global_step
-        bar.set_description("Training step")
+        bar.set_description(STEP_DESCRIPTION)
         bar.refresh()
+
+    def init_train_tqdm(self) -> Tqdm:
+        max_steps = _max_steps(self.trainer)
+        if max_steps is None:
+            return super().init_train_tqdm()
+        # total and position from the first draw (else it reads `Training: 0/?`); also for a run
+        # resumed mid-epoch, which gets no on_train_epoch_start
+        return Tqdm(desc=STEP_DESCRIPTION, total=max_steps, initial=self.trainer.global_step,
+                    position=2 * self.process_position, disable=self.is_disabled, leave=True, dynamic_ncols=True,
+                    file=sys.stdout, smoothing=0, bar_format=self.BAR_FORMAT)
+
+    def on_train_epoch_start(self, trainer, *args) -> None:
+        if _max_steps(trainer) is None:  # no step budget: Lightning's per-epoch bar
+            return super().on_train_epoch_start(trainer, *args)
+        self._count_steps(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if _max_steps(trainer) is None:

@@ -111,6 +111,10 @@ class RunCheckpoint(ModelCheckpoint):
         self.resolve_dirpath(trainer)
         super().setup(trainer, pl_module, stage)
 
+    def _ModelCheckpoint__warn_if_dir_not_empty(self, dirpath) -> None:
+        # Lightning warns on every resume; a fresh run into a non-empty folder is refused by the CLI instead
+        pass
+
     def _find_last_checkpoints(self, trainer) -> set[str]:
         # `--ckpt_path last` means this folder's last.ckpt, not the newest of last*.ckpt or an on-exception file
         self.resolve_dirpath(trainer)

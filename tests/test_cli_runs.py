@@ -211,7 +211,12 @@ def test_make_hf_config_types_strings_for_every_family():
 def test_progress_bar_counts_steps_of_max_steps(workspace, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     args = [*tiny_run_args(workspace, "bert-tiny.yaml", 3), "--trainer.enable_progress_bar", "true"]
-    code, out, err = run(args, capsys)
+    code, out, err = run([*args, "--trainer.limit_val_batches", "1.0"], capsys)  # streamed: length unknown
     assert code == 0, err[-3000:]
     assert "Training step" in out and "3/3" in out
+    assert "Validation DataLoader 0: 5 batches [" in out and ": :" not in out  # a count, not `5/--`
     assert "Epoch 0" not in out and "/-" not in out
+    # resumed mid-epoch (Lightning then skips on_train_epoch_start): still steps of max_steps
+    code, out, err = run([*args, "--trainer.max_steps", "5", "--ckpt_path", "last"], capsys)
+    assert code == 0, err[-3000:]
+    assert "Training step" in out and "5/5" in out and "Training: " not in out
