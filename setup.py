@@ -39,6 +39,7 @@ setup(
             "convmodel-prepare-data=convmodel.data.prepare:main",
             "convmodel-export=convmodel.export:main",
             "convmodel-fill-mask=convmodel.export:fill_mask_main",
+            "convmodel-generate=convmodel.generation:generate_main",
             "convmodel-aux-peer=convmodel.collaborative.aux_peer:main",
         ],
     },
