@@ -10,6 +10,7 @@ refused too: its `last.ckpt` would mix two runs.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import zipfile
@@ -71,6 +72,9 @@ def resolve_ckpt_path(subcommand: str, ckpt_path: str | None, trainer, overwrite
     the folder instead of refusing to start.
     """
     folder = checkpoint_folder(trainer)
+    if ckpt_path in ("best", "hpc"):
+        raise UserError(f"{OPTION} {ckpt_path}: a new trainer.py process does not know an earlier run's {ckpt_path} "
+                        f"checkpoint; give its .ckpt file{f' (in {folder})' if folder else ''}, or `last`")
     if ckpt_path == "last":
         if folder is None:
             raise UserError(f"{OPTION} last needs a ModelCheckpoint with a folder in trainer.callbacks (the "
@@ -102,7 +106,8 @@ def refuse_mixed_run(folder: str, overwrite: bool) -> None:
         return
     if overwrite:
         for path in existing:
-            os.remove(path)
+            with contextlib.suppress(FileNotFoundError):  # another rank of the same job was first
+                os.remove(path)
         print(f"[convmodel] --overwrite_checkpoints: deleted {len(existing)} checkpoint(s) of an earlier run in "
               f"{folder}", flush=True)
         return

@@ -208,8 +208,10 @@ def check_schedule(model, trainer, step: int, max_steps: int | None) -> None:
             f"the linear schedule ended at step {total} (model.init_args.total_steps): resuming at step {step} "
             f"to trainer.max_steps {max_steps} would train at learning rate 0; raise model.init_args.total_steps "
             f"to {max_steps} (or leave it out to follow trainer.max_steps), or use model.init_args.schedule constant")
-    warnings.warn(f"model.init_args.total_steps ({total}) < trainer.max_steps ({max_steps}): the linear schedule "
-                  f"reaches 0 at step {total}, so steps {total}-{max_steps} train at learning rate 0", stacklevel=2)
+    from pytorch_lightning.utilities import rank_zero_warn
+
+    rank_zero_warn(f"model.init_args.total_steps ({total}) < trainer.max_steps ({max_steps}): the linear schedule "
+                   f"reaches 0 at step {total}, so steps {total}-{max_steps} train at learning rate 0")
 
 
 def enable_docstring_help() -> None:

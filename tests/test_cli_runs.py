@@ -139,6 +139,8 @@ def test_test_without_a_checkpoint_is_an_error_not_a_random_model(workspace, tmp
     assert code == 2 and "no checkpoint in" in line and "checkpoints" in line and "test/loss" not in out
     code, _, err = run(["validate", *args, "--ckpt_path", "last"], capsys)
     assert code == 2 and "nothing to validate" in one_error_line(err)
+    code, _, err = run(["test", *args, "--ckpt_path", "best"], capsys)
+    assert code == 2 and "does not know an earlier run's best checkpoint" in one_error_line(err)
 
 
 def trainer_process(args: list[str], cwd: Path) -> subprocess.Popen:
