@@ -222,3 +222,12 @@ def test_progress_bar_counts_steps_of_max_steps(workspace, tmp_path, monkeypatch
     code, out, err = run([*args, "--trainer.max_steps", "5", "--ckpt_path", "last"], capsys)
     assert code == 0, err[-3000:]
     assert "Training step" in out and "5/5" in out and "Training: " not in out
+
+
+def test_last_ckpt_is_the_final_step_between_periodic_checkpoints(workspace, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    callbacks = [{"class_path": "convmodel.run_checkpoint.RunCheckpoint", "init_args": {"every_n_train_steps": 2}}]
+    args = [*tiny_run_args(workspace, "bert-tiny.yaml", 3), "--trainer.callbacks", json.dumps(callbacks)]
+    code, _, err = run(args, capsys)
+    assert code == 0, err[-3000:]
+    assert global_step(tmp_path / CKPT / "last.ckpt") == 3  # Lightning's ModelCheckpoint leaves step 2 there
