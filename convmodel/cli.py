@@ -7,7 +7,8 @@
 Around Lightning's subcommands: `--ckpt_path` is checked first (convmodel.ckpt_path: `last` is
 this run's last.ckpt, a broken file or a test without a checkpoint is one error line), a fresh
 fit into another run's checkpoint folder is refused (`--overwrite_checkpoints true` replaces
-it), a resume says where it starts and whether the schedule still has steps, fit ends with a
+it), a resume says where it starts (a finished run: "nothing to do", exit 0) and an ended
+linear schedule is an error instead of steps at learning rate 0, fit ends with a
 summary (convmodel.fit_summary), and Ctrl-C/SIGTERM save last.ckpt and print the resume
 command (convmodel.run_checkpoint), exiting 130/143 like a process stopped by that signal.
 """
@@ -162,7 +163,11 @@ class ConvmodelCLI(LightningCLI):
                       "train longer", file=sys.stderr, flush=True)
                 self._nothing_to_do = True
                 return
-            print(f"[convmodel] resuming at step {step}{of} from {path}", flush=True)
+            stretched = ""
+            if getattr(self.model, "schedule", None) == "linear" and getattr(self.model, "total_steps", 0) is None:
+                # total_steps follows max_steps: a larger max_steps stretches the decay (the lr rises again)
+                stretched = f"; the linear schedule decays to 0 at step {max_steps}"
+            print(f"[convmodel] resuming at step {step}{of} from {path}{stretched}", flush=True)
         check_schedule(self.model, self.trainer, step, max_steps)
 
     def fit(self, model, **kwargs) -> None:
