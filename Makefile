@@ -24,25 +24,34 @@ lint: install
 test: install lint
 	$(VENV)/bin/pytest -q
 
-# The whole pipeline on a corpus built from text already on this machine (no downloads).
+# The whole pipeline on a corpus built from text already on this machine (no downloads): a BERT
+# and a GPT-2, each checked against the loss of a model that knows only token frequencies
+# (show_metrics.py --min_below_baseline fails the demo if a model did not learn more than that).
 demo: install
-	@echo "== 1/6 sample corpus (Python standard library docstrings) =="
+	@echo "== 1/7 sample corpus (Python standard library docstrings) =="
 	$(PY) data/make_sample_corpus.py --output_dir $(SAMPLE)/text
-	@echo "== 2/6 tokenizer =="
-	$(PY) trainer/train_tokenizer.py --input $(SAMPLE)/text/train.txt --output_dir $(SAMPLE)/tokenizer --vocab_size 8000
-	@echo "== 3/6 JSONL shards =="
-	for split in train valid test; do \
+	@echo "== 2/7 tokenizer =="
+	$(PY) trainer/train_tokenizer.py --input $(SAMPLE)/text/train.txt --output_dir $(SAMPLE)/tokenizer --vocab_size 4000
+	@echo "== 3/7 JSONL shards: mlm for BERT, clm for GPT-2 =="
+	for objective in mlm clm; do for split in train valid test; do \
 	  $(PY) trainer/prepare_train_data.py --input $(SAMPLE)/text/$$split.txt --tokenizer $(SAMPLE)/tokenizer \
-	    --output_dir $(SAMPLE)/shards/mlm/$$split --objective mlm --max_seq_len 128 --overwrite || exit 1; \
+	    --output_dir $(SAMPLE)/shards/$$objective/$$split --objective $$objective --max_seq_len 128 --overwrite \
+	    || exit 1; \
+	done; done
+	@echo "== 4/7 pretrain bert-tiny (masked LM, a few minutes on 2 CPU cores) =="
+	$(PY) trainer/trainer.py fit --config configs/bert-tiny.yaml --overwrite_checkpoints true
+	$(PY) trainer/show_metrics.py --logdir runs/bert-tiny --tag val/loss --min_below_baseline 0.5
+	@echo "== 5/7 pretrain gpt2-tiny (causal LM, a few minutes) =="
+	$(PY) trainer/trainer.py fit --config configs/gpt2-tiny.yaml --overwrite_checkpoints true
+	$(PY) trainer/show_metrics.py --logdir runs/gpt2-tiny --tag val/loss --min_below_baseline 1.5
+	@echo "== 6/7 export both to Hugging Face folders =="
+	for model in bert-tiny gpt2-tiny; do \
+	  $(PY) trainer/export_model.py --ckpt_path runs/$$model/checkpoints/last.ckpt --output_dir runs/$$model/model \
+	    --config configs/$$model.yaml --overwrite || exit 1; \
 	done
-	@echo "== 4/6 pretrain bert-tiny (a few minutes on 2 CPU cores) =="
-	$(PY) trainer/trainer.py fit --config configs/bert-tiny.yaml
-	@echo "== 5/6 result =="
-	$(PY) trainer/show_metrics.py --logdir runs/bert-tiny --tag val/loss --min_drop 0.2
-	@echo "== 6/6 export to a Hugging Face folder and fill a mask =="
-	$(PY) trainer/export_model.py --ckpt_path runs/bert-tiny/checkpoints/last.ckpt --output_dir runs/bert-tiny/model \
-	  --config configs/bert-tiny.yaml --overwrite
+	@echo "== 7/7 fill a mask with BERT, continue a prompt with GPT-2 =="
 	$(PY) trainer/fill_mask.py --model_dir runs/bert-tiny/model --text "Return the [MASK] of the list."
+	$(PY) trainer/generate.py --model_dir runs/gpt2-tiny/model --prompt "If the file does not exist,"
 
 bench: install
 	$(PY) bench/lightning_vs_bare.py
@@ -50,6 +59,9 @@ bench: install
 	$(PY) bench/lean_albert_memory.py
 	$(PY) bench/lightning_hivemind_step.py
 	$(PY) bench/swarm_vs_local.py
+	$(PY) bench/lamb8bit.py
+	$(PY) bench/parity_bare_loop.py
+	$(PY) bench/unseen_text.py
 
 clean:
 	rm -rf $(VENV) runs work
