@@ -22,7 +22,6 @@ import warnings
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 from convmodel.errors import UserError, user_message
-from convmodel.heap import keep_heap_from_growing
 
 SUBCOMMANDS = ("fit", "validate", "test")
 #: exit status after Ctrl-C / SIGTERM, as a shell reports a process stopped by that signal
@@ -263,7 +262,6 @@ def exit_on_user_error(run) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; a user mistake ends with `error: <what to do>` and exit status 2."""
     argv = with_default_subcommand(sys.argv[1:] if argv is None else argv)
-    keep_heap_from_growing()
     enable_docstring_help()
     # we pass the arguments ourselves (with `fit` inserted); Lightning warns when sys.argv is also set
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")

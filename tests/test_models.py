@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from convmodel.errors import UserError
 from convmodel.models import BertPretraining, Gpt2Pretraining
+from convmodel.models.base import PREDICTION_ROWS
 from convmodel.run_summary import read_scalars
 from convmodel.tokenization import train_tokenizer
 
@@ -91,6 +92,19 @@ def test_bert_mlm_loss_is_transformers_loss(tokenizer):
     assert_trains(module, batch)
     assert type(module.to_hf()).__name__ == "BertForMaskedLM"
     assert module.to_hf().config.vocab_size == 400 and module.to_hf().config.pad_token_id == 0
+
+
+@pytest.mark.parametrize("masked_per_row", [1, 3, 5])
+def test_mlm_projection_runs_on_a_few_row_counts(tokenizer, masked_per_row):
+    # a varying number of masked tokens must not give the (N, V) logits a new size every batch:
+    # that is what made glibc's heap grow on CPU (see masked_lm_losses)
+    module = BertPretraining(tokenizer, config=TINY_BERT, objective="mlm").eval()
+    rows = []
+    module.model.cls.predictions.register_forward_hook(lambda m, args, out: rows.append(out.shape[0]))
+    batch = mlm_batch(masked_per_row=masked_per_row)
+    ours = module.compute_losses(batch)
+    assert rows == [PREDICTION_ROWS] and ours.n_targets.item() == 4 * masked_per_row
+    torch.testing.assert_close(ours.loss, module.to_hf()(**batch).loss)  # the padding rows add nothing
 
 
 def test_bert_sop_adds_the_sentence_order_loss(tokenizer):
