@@ -32,11 +32,11 @@ demo: install
 	$(PY) data/make_sample_corpus.py --output_dir $(SAMPLE)/text
 	@echo "== 2/7 tokenizer =="
 	$(PY) trainer/train_tokenizer.py --input $(SAMPLE)/text/train.txt --output_dir $(SAMPLE)/tokenizer --vocab_size 4000
-	@echo "== 3/7 JSONL shards: mlm for BERT, clm for GPT-2 =="
-	for objective in mlm clm; do for split in train valid test; do \
+	@echo "== 3/7 JSONL shards: mlm (64 tokens) for BERT, clm (128 tokens) for GPT-2 =="
+	for job in mlm:64 clm:128; do objective=$${job%:*}; length=$${job#*:}; for split in train valid test; do \
 	  $(PY) trainer/prepare_train_data.py --input $(SAMPLE)/text/$$split.txt --tokenizer $(SAMPLE)/tokenizer \
-	    --output_dir $(SAMPLE)/shards/$$objective/$$split --objective $$objective --max_seq_len 128 --overwrite \
-	    || exit 1; \
+	    --output_dir $(SAMPLE)/shards/$$objective/$$split --objective $$objective --max_seq_len $$length \
+	    --overwrite || exit 1; \
 	done; done
 	@echo "== 4/7 pretrain bert-tiny (masked LM, a few minutes on 2 CPU cores) =="
 	$(PY) trainer/trainer.py fit --config configs/bert-tiny.yaml --overwrite_checkpoints true

@@ -2,8 +2,8 @@
 
 `make demo` tunes nothing on its own corpus that a user's text would not also get: this runs
 the shipped configs/bert-tiny.yaml and configs/gpt2-tiny.yaml, unchanged but for the data
-paths, on another few MB of English, with the demo's tokenizer size (4000) and sequence length
-(128), and prints how far each model's last val/loss is below `val/unigram_baseline` (the loss of
+paths, on another few MB of English, with the demo's tokenizer size (4000) and shard lengths
+(64 tokens for BERT, 128 for GPT-2), and prints how far each model's last val/loss is below `val/unigram_baseline` (the loss of
 a model that knows only token frequencies). Target: BERT >= 0.5 nat, GPT-2 >= 2 nats.
 
 The default text is Debian's fortune cookies and the Jargon File (3.7 MB; packages `fortunes`
@@ -69,11 +69,11 @@ def main() -> None:
     tokenizer = os.path.join(work, "tokenizer")
     run("trainer/train_tokenizer.py", "--input", f"{text}/train.txt", "--output_dir", tokenizer, "--vocab_size", "4000")
     results = {}
-    for model, objective in (("bert-tiny", "mlm"), ("gpt2-tiny", "clm")):
+    for model, objective, length in (("bert-tiny", "mlm", "64"), ("gpt2-tiny", "clm", "128")):
         shards = os.path.join(work, "shards", objective)
         for split in ("train", "valid"):
             run("trainer/prepare_train_data.py", "--input", f"{text}/{split}.txt", "--tokenizer", tokenizer,
-                "--output_dir", f"{shards}/{split}", "--objective", objective, "--max_seq_len", "128",
+                "--output_dir", f"{shards}/{split}", "--objective", objective, "--max_seq_len", length,
                 "--overwrite")
         logdir = os.path.join(work, "runs", model)
         run("trainer/trainer.py", "fit", "--config", f"configs/{model}.yaml", "--data.tokenizer", tokenizer,
