@@ -9,9 +9,11 @@ a model that knows only token frequencies). Target: BERT >= 0.5 nat, GPT-2 >= 2 
 The default text is Debian's fortune cookies and the Jargon File (3.7 MB; packages `fortunes`
 and `jargon-text`: `apt-get install fortunes jargon-text`): quotations, jokes and definitions,
 nothing like the docstrings of the sample corpus. Any folder with train.txt and valid.txt in the
-corpus format (one paragraph a line, a blank line between documents) works too:
+corpus format (one paragraph a line, a blank line between documents) works too, and
+`--source man` takes 4 MB of the machine's own section-1 manual pages instead (technical prose,
+closer to the docstrings; rendered with `man`):
 
-    python bench/unseen_text.py [--text_dir DIR] [--workdir work/unseen]
+    python bench/unseen_text.py [--source fortunes|man | --text_dir DIR] [--workdir work/unseen]
 """
 
 import argparse
@@ -21,6 +23,7 @@ import random
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FORTUNES = "/usr/share/games/fortunes"
@@ -43,8 +46,32 @@ def debian_documents() -> list[str]:
     return [" ".join(t.split()) for t in texts if len(t.split()) >= 8]
 
 
-def write_corpus(folder: str) -> None:
-    documents = debian_documents()
+def man_documents(limit_chars: int = 4_000_000) -> list[str]:
+    """Section-1 manual pages in a fixed random order, one document each, until `limit_chars`."""
+    folder = "/usr/share/man/man1"
+    pages = sorted(os.listdir(folder))
+    random.Random(0).shuffle(pages)
+    documents, size = [], 0
+    for page in pages:
+        if size > limit_chars:
+            break
+        try:
+            text = subprocess.run(["man", "-l", "--nh", "--nj", "-P", "cat", os.path.join(folder, page)],
+                                  capture_output=True, text=True, timeout=10,
+                                  env={**os.environ, "MANWIDTH": "100000"}).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        text = re.sub(r".\x08", "", text)  # overstrike bold/underline
+        paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", text)]
+        paragraphs = [p for p in paragraphs if len(p.split()) >= 8]
+        if len(paragraphs) >= 3:
+            documents.append("\n".join(paragraphs))
+            size += sum(map(len, paragraphs))
+    return documents
+
+
+def write_corpus(folder: str, read_documents: Callable[[], list[str]]) -> None:
+    documents = read_documents()
     random.Random(0).shuffle(documents)
     k = len(documents) // 20  # 5% validation, the rest training (as the sample corpus)
     os.makedirs(folder, exist_ok=True)
@@ -59,13 +86,15 @@ def run(*args: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--text_dir", help="folder with train.txt and valid.txt (default: Debian's text)")
+    parser.add_argument("--source", choices=("fortunes", "man"), default="fortunes",
+                        help="the default text: Debian's fortunes + Jargon File, or manual pages")
+    parser.add_argument("--text_dir", help="folder with train.txt and valid.txt (instead of --source)")
     parser.add_argument("--workdir", default="work/unseen")
     args = parser.parse_args()
     work = os.path.join(ROOT, args.workdir)
     text = args.text_dir or os.path.join(work, "text")
     if not args.text_dir:
-        write_corpus(text)
+        write_corpus(text, debian_documents if args.source == "fortunes" else man_documents)
     tokenizer = os.path.join(work, "tokenizer")
     run("trainer/train_tokenizer.py", "--input", f"{text}/train.txt", "--output_dir", tokenizer, "--vocab_size", "4000")
     results = {}
