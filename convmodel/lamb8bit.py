@@ -23,7 +23,7 @@ from collections.abc import Iterable
 import torch
 
 from convmodel.errors import UserError
-from convmodel.optim import LambBase, adam_direction_, lamb_apply_
+from convmodel.optim import LambBase, adam_direction_
 
 BLOCK_SIZE = 256  # values per absmax; bitsandbytes' 8-bit optimizers use the same
 MIN_8BIT_SIZE = 4096  # bitsandbytes' default: smaller tensors keep fp32 moments
@@ -111,34 +111,18 @@ class Lamb8bit(LambBase):
 
     # ---- the step ----------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("LAMB does not support sparse gradients")
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    if p.numel() >= group["min_8bit_size"]:
-                        self._init_8bit_state(state, p)
-                    else:
-                        state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-                        state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
-                state["step"] += 1
-                if "exp_avg_q" in state:
-                    update = self._8bit_direction(p.grad, state, group)
-                else:
-                    update = adam_direction_(p.grad.float(), state["exp_avg"], state["exp_avg_sq"],
-                                             state["step"], group["betas"], group["eps"])
-                lamb_apply_(p, update, group["lr"], group["weight_decay"], group["layer_adaptation"])
-        return loss
+    def _direction(self, p: torch.Tensor, state: dict, group: dict) -> torch.Tensor:
+        """Adam's direction: from 8-bit moments for large tensors, fp32 ones for small (made at the first step)."""
+        if "exp_avg_q" not in state and "exp_avg" not in state:
+            if p.numel() >= group["min_8bit_size"]:
+                self._init_8bit_state(state, p)
+            else:
+                state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+        if "exp_avg_q" in state:
+            return self._8bit_direction(p.grad, state, group)
+        return adam_direction_(p.grad.float(), state["exp_avg"], state["exp_avg_sq"], state["step"],
+                               group["betas"], group["eps"])
 
     def _8bit_direction(self, grad: torch.Tensor, state: dict, group: dict) -> torch.Tensor:
         """Adam's direction from the 8-bit moments, which are updated and quantised again.

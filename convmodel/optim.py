@@ -91,6 +91,28 @@ class LambBase(torch.optim.Optimizer):
                              f"weight_decay={wd}")
         super().__init__(params, defaults)
 
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("LAMB does not support sparse gradients")
+                state = self.state[p]
+                state["step"] = state.get("step", 0) + 1
+                update = self._direction(p, state, group)
+                lamb_apply_(p, update, group["lr"], group["weight_decay"], group["layer_adaptation"])
+        return loss
+
+    def _direction(self, p: torch.Tensor, state: dict, group: dict) -> torch.Tensor:
+        """Adam's direction for `p` from its moments in `state` (updated in place); per subclass."""
+        raise NotImplementedError
+
     def _convert_saved_state(self, state_dict: dict) -> dict:
         """Hook for a subclass to read other state layouts; the identity here."""
         return state_dict
@@ -134,28 +156,13 @@ class Lamb(LambBase):
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
                                   "layer_adaptation": layer_adaptation})
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("LAMB does not support sparse gradients")
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
-                state["step"] += 1
-                update = adam_direction_(p.grad.float(), state["exp_avg"], state["exp_avg_sq"], state["step"],
-                                         group["betas"], group["eps"])
-                lamb_apply_(p, update, group["lr"], group["weight_decay"], group["layer_adaptation"])
-        return loss
+    def _direction(self, p: torch.Tensor, state: dict, group: dict) -> torch.Tensor:
+        """Adam's bias-corrected direction from fp32 moments, created at the first step."""
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+        return adam_direction_(p.grad.float(), state["exp_avg"], state["exp_avg_sq"], state["step"],
+                               group["betas"], group["eps"])
 
 
 def build_optimizer(
