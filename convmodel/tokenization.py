@@ -43,6 +43,7 @@ SPM_MODEL_FILE = "spm.model"
 # Longest input line sentencepiece keeps, in bytes (its default, 4192, silently drops
 # paragraphs of a paragraph-per-line corpus such as Wikipedia).
 MAX_LINE_BYTES = 1 << 16
+PROGRESS_SECONDS = 10  # between "read N lines" reports while sentencepiece reads the input
 BYTE_PIECE_SCORE = -1e9
 # The tokenizer class named in the saved folder (see save_tokenizer).
 TOKENIZER_CLASS = "PreTrainedTokenizerFast"
@@ -179,13 +180,26 @@ def train_sentencepiece(
     model_prefix = model_file.removesuffix(".model")
     reader_errors: list[UserError] = []
 
+    total_mb = sum(os.path.getsize(path) for path in files) / 1e6
+    print(f"[convmodel] reading {len(files)} file(s), {total_mb:.1f} MB", flush=True)
+
     def sentences() -> Iterator[str]:
         # sentencepiece turns an exception raised here into its own RuntimeError; keep ours.
+        # It reads every line before it trains, silently; a line every PROGRESS_SECONDS says it is alive.
+        lines, last_report = 0, time.perf_counter()
         try:
-            yield from input_lines(files)
+            for line in input_lines(files):
+                lines += 1
+                if time.perf_counter() - last_report > PROGRESS_SECONDS:
+                    print(f"[convmodel] read {lines:,} lines", flush=True)
+                    last_report = time.perf_counter()
+                yield line
         except UserError as exc:
             reader_errors.append(exc)
             raise
+        kept = f", training on a random {input_sentence_size:,} of them" if lines > input_sentence_size else ""
+        print(f"[convmodel] read {lines:,} lines{kept}; sentencepiece is choosing {vocab_size:,} {model_type} "
+              "pieces (minutes for a large corpus)", flush=True)
 
     try:
         spm.SentencePieceTrainer.train(

@@ -294,6 +294,7 @@ class PretrainingModule(pl.LightningModule):
             return
         for name, value in metrics.items():
             self.log(name, value, prog_bar=name.endswith("loss"), sync_dist=True)
+        self._metrics_step = self.global_step  # the model card says "final" only when it is this step's
 
     def _unigram_baseline(self) -> float | None:
         """The val/loss of a frequency-only model, from a datamodule that offers one (JsonlDataModule).
@@ -363,6 +364,8 @@ class PretrainingModule(pl.LightningModule):
             "tokenizer": self.tokenizer_path,
             "class_path": f"{type(self).__module__}.{type(self).__qualname__}",
             "metrics": metrics,
+            # the step of the validation behind val/*: a step's checkpoint can be written before it
+            "metrics_step": getattr(self, "_metrics_step", None),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
