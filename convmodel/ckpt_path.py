@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import shutil
 import zipfile
 
 from convmodel.errors import UserError
@@ -95,23 +96,39 @@ def resolve_ckpt_path(subcommand: str, ckpt_path: str | None, trainer, overwrite
         raise UserError(f"{subcommand} needs {OPTION}: without it the model's random initial weights would be "
                         f"evaluated; give {OPTION} last{where} or a .ckpt file")
     if folder is not None:
-        refuse_mixed_run(folder, overwrite)
+        refuse_mixed_run(folder, earlier_log_versions(trainer), overwrite)
     return None
 
 
-def refuse_mixed_run(folder: str, overwrite: bool) -> None:
-    """A new run must not write into another run's checkpoints; with `overwrite`, delete them first."""
+def earlier_log_versions(trainer) -> list[str]:
+    """The logger's `version_N` folders written before this run (show_metrics reads them all as one run)."""
+    logger = trainer.loggers[0] if trainer.loggers else None
+    root = getattr(logger, "root_dir", None)
+    if not root or not os.path.isdir(root):
+        return []
+    own = os.path.realpath(getattr(logger, "log_dir", "") or "")
+    return sorted(d for d in glob.glob(os.path.join(glob.escape(root), "version_*"))
+                  if os.path.isdir(d) and os.path.realpath(d) != own)
+
+
+def refuse_mixed_run(folder: str, log_versions: list[str], overwrite: bool) -> None:
+    """A new run must not write into another run's checkpoints or logs; with `overwrite`, delete them first."""
     existing = sorted(glob.glob(os.path.join(glob.escape(folder), "*.ckpt")))
-    if not existing:
+    if not existing and not log_versions:
         return
     if overwrite:
         for path in existing:
             with contextlib.suppress(FileNotFoundError):  # another rank of the same job was first
                 os.remove(path)
-        print(f"[convmodel] --overwrite_checkpoints: deleted {len(existing)} checkpoint(s) of an earlier run in "
-              f"{folder}", flush=True)
+        for path in log_versions:
+            shutil.rmtree(path, ignore_errors=True)
+        print(f"[convmodel] --overwrite_checkpoints: deleted {len(existing)} checkpoint(s) and "
+              f"{len(log_versions)} log version(s) of an earlier run in {os.path.dirname(folder) or '.'}", flush=True)
         return
-    raise UserError(f"{folder} already holds checkpoints of another run ({len(existing)}, e.g. "
-                    f"{os.path.basename(existing[0])}); resume it with {OPTION} last, or start a new run in "
-                    "another folder (--trainer.logger.init_args.save_dir runs/NEW), or replace it with "
-                    "--overwrite_checkpoints true (deletes them)")
+    what = (f"checkpoints of another run ({len(existing)}, e.g. {os.path.basename(existing[0])})" if existing else
+            f"the logs of another run ({', '.join(os.path.basename(v) for v in log_versions)})")
+    where = folder if existing else os.path.dirname(log_versions[0])
+    resume = f"resume it with {OPTION} last, or " if existing else ""
+    raise UserError(f"{where} already holds {what}; {resume}start a new run in another folder "
+                    "(--trainer.logger.init_args.save_dir runs/NEW), or replace it with --overwrite_checkpoints "
+                    "true (deletes them)")

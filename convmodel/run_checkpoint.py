@@ -90,6 +90,8 @@ class RunCheckpoint(ModelCheckpoint):
         self._start_step = 0
         self._stop_requested = False
         self._previous_sigint = None
+        self._validations = 0  # finished validations while fitting
+        self._last_written_at_validation = -1  # the value of _validations when last.ckpt was last written
 
     @property
     def state_key(self) -> str:
@@ -121,6 +123,21 @@ class RunCheckpoint(ModelCheckpoint):
         return {self.last_path} if os.path.isfile(self.last_path) else set()
 
     # ---- the end of training ---------------------------------------------------------------
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        if os.path.basename(filepath) == LAST:
+            self._last_written_at_validation = self._validations
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        """A step's last.ckpt is written before that step's validation: write it again after, for its metrics."""
+        fitting = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
+        if fitting:
+            self._validations += 1
+        super().on_validation_end(trainer, pl_module)
+        if (fitting and self.save_last and trainer.global_step == self._last_global_step_saved
+                and self._last_written_at_validation != self._validations and os.path.isfile(self.last_path)):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_train_start(self, trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)

@@ -13,28 +13,53 @@ import os
 from convmodel.errors import UserError
 
 
-def latest_version_dir(logdir: str) -> str:
-    """The newest `version_N` folder under a TensorBoard save_dir (or logdir itself if it holds events)."""
-    if glob.glob(os.path.join(logdir, "events.out.tfevents.*")):
-        return logdir
-    candidates = [d for d in glob.glob(os.path.join(logdir, "**", "version_*"), recursive=True) if os.path.isdir(d)]
-    candidates = [d for d in candidates if glob.glob(os.path.join(d, "events.out.tfevents.*"))]
+def _version_number(path: str) -> int:
+    suffix = os.path.basename(path).removeprefix("version_")
+    return int(suffix) if suffix.isdigit() else -1
+
+
+def run_version_dirs(logdir: str) -> list[str]:
+    """A run's `version_N` folders, oldest first (or [logdir] when it holds the event files itself).
+
+    One run writes a new version for each `fit`, resume, `test` or `validate` (the logger's own
+    counter), so a resumed or interrupted run's curve is spread over several of them. When the
+    save_dir holds more than one logger name, the versions beside the newest one are the run.
+    """
+    if glob.glob(os.path.join(glob.escape(logdir), "events.out.tfevents.*")):
+        return [logdir]
+    candidates = [d for d in glob.glob(os.path.join(glob.escape(logdir), "**", "version_*"), recursive=True)
+                  if os.path.isdir(d) and glob.glob(os.path.join(glob.escape(d), "events.out.tfevents.*"))]
     if not candidates:
         raise UserError(f"{logdir}: no TensorBoard event files found; is this the logger's save_dir of a run?")
-    return max(candidates, key=os.path.getmtime)
+    newest = max(candidates, key=os.path.getmtime)
+    siblings = [d for d in candidates if os.path.dirname(d) == os.path.dirname(newest)]
+    return sorted(siblings, key=_version_number)
+
+
+def latest_version_dir(logdir: str) -> str:
+    """The newest `version_N` folder under a TensorBoard save_dir (or logdir itself if it holds events)."""
+    return run_version_dirs(logdir)[-1]
 
 
 def read_scalars(run_dir: str, tag: str) -> list[tuple[int, float]]:
-    """All (step, value) points of one scalar tag, sorted by step; later writes win on equal steps."""
+    """All (step, value) points of one scalar tag in one folder, sorted by step; later writes win on equal steps."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     points: dict[int, float] = {}
-    for path in sorted(glob.glob(os.path.join(run_dir, "events.out.tfevents.*")), key=os.path.getmtime):
+    for path in sorted(glob.glob(os.path.join(glob.escape(run_dir), "events.out.tfevents.*")), key=os.path.getmtime):
         acc = EventAccumulator(path, size_guidance={"scalars": 0})
         acc.Reload()
         if tag in acc.Tags().get("scalars", []):
             for event in acc.Scalars(tag):
                 points[event.step] = event.value
+    return sorted(points.items())
+
+
+def read_run_scalars(version_dirs: list[str], tag: str) -> list[tuple[int, float]]:
+    """One tag over all of a run's versions (a resume continues the curve; a later version wins a step)."""
+    points: dict[int, float] = {}
+    for run_dir in version_dirs:
+        points.update(read_scalars(run_dir, tag))
     return sorted(points.items())
 
 
@@ -73,19 +98,22 @@ def summarize(
     if min_below_baseline is not None and tag != "val/loss":
         raise UserError(f"--min_below_baseline compares val/loss with {BASELINE_TAG}, not {tag}; "
                         "use --tag val/loss or drop --min_below_baseline")
-    run_dir = latest_version_dir(logdir)
-    points = read_scalars(run_dir, tag)
+    versions = run_version_dirs(logdir)
+    run_dir = versions[-1] if len(versions) == 1 else os.path.dirname(versions[-1])
+    where = run_dir if len(versions) == 1 else (
+        f"{run_dir} ({', '.join(os.path.basename(v) for v in versions)})")
+    points = read_run_scalars(versions, tag)
     if len(points) < 2:
-        raise UserError(f"{run_dir}: fewer than two '{tag}' points were logged; validate more often "
+        raise UserError(f"{where}: fewer than two '{tag}' points were logged; validate more often "
                         "(trainer.val_check_interval) or train longer")
-    baseline = read_scalars(run_dir, BASELINE_TAG) if tag == "val/loss" else []
+    baseline = read_run_scalars(versions, BASELINE_TAG) if tag == "val/loss" else []
     if baseline:
-        print(f"{tag} in {run_dir}, against the frequency-only baseline {BASELINE_TAG}:")
+        print(f"{tag} in {where}, against the frequency-only baseline {BASELINE_TAG}:")
         for step, value in points:
             base = _baseline_at(baseline, step)
             print(f"  step {step:>6}: {value:.4f}  ({_versus(value, base)} the baseline {base:.4f})")
     else:
-        print(f"{tag} in {run_dir}:")
+        print(f"{tag} in {where}:")
         for step, value in points:
             print(f"  step {step:>6}: {value:.4f}")
     (first_step, first), (last_step, last) = points[0], points[-1]
@@ -95,7 +123,7 @@ def summarize(
     if base is not None:
         print(f"{tag} {last:.2f} at step {last_step}: {abs(base - last):.2f} nats "
               f"{'below' if last <= base else 'above'} the frequency-only baseline {base:.2f}")
-    checkpoints = sorted(glob.glob(os.path.join(run_dir, "**", "*.ckpt"), recursive=True))
+    checkpoints = sorted(glob.glob(os.path.join(glob.escape(logdir), "**", "*.ckpt"), recursive=True))
     print(f"TensorBoard logs: {run_dir}   (view: tensorboard --logdir {logdir})")
     for path in checkpoints:
         print(f"checkpoint: {path}")

@@ -20,7 +20,9 @@ from transformers import BertConfig, GPT2Config
 
 from convmodel.cli import main
 from convmodel.errors import UserError
+from convmodel.export import export_model
 from convmodel.models.base import make_hf_config
+from convmodel.run_summary import latest_version_dir, read_scalars, summarize
 
 CKPT = "runs/bert-tiny/checkpoints"
 workspace = test_cli.workspace  # test_cli's fixture: a tokenizer and mlm/clm shards, built once per module
@@ -231,3 +233,58 @@ def test_last_ckpt_is_the_final_step_between_periodic_checkpoints(workspace, tmp
     code, _, err = run(args, capsys)
     assert code == 0, err[-3000:]
     assert global_step(tmp_path / CKPT / "last.ckpt") == 3  # Lightning's ModelCheckpoint leaves step 2 there
+
+
+def test_show_metrics_reads_every_version_of_a_resumed_and_tested_run(workspace, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = tiny_run_args(workspace, "bert-tiny.yaml", 2)
+    assert run(args, capsys)[0] == 0
+    assert run([*args, "--trainer.max_steps", "4", "--ckpt_path", "last"], capsys)[0] == 0
+    assert run(["test", *args, "--ckpt_path", "last"], capsys)[0] == 0
+    versions = sorted(p.name for p in (tmp_path / "runs/bert-tiny").glob("version_*"))
+    assert versions == ["version_0", "version_1", "version_2"]  # fit, resume, test
+
+    summarize("runs/bert-tiny")  # the newest version (the test) has no val/loss: read them all
+    out = capsys.readouterr().out
+    steps = [int(line.split()[1].rstrip(":")) for line in out.splitlines() if line.startswith("  step ")]
+    resumed = read_scalars("runs/bert-tiny/version_1", "val/loss")
+    # before training, the first run's validation, the resumed run's
+    assert len(steps) == 3 and steps[0] == 0 and steps[-1] == resumed[-1][0] > steps[1]
+    assert "version_0, version_1, version_2" in out
+    assert "checkpoint: runs/bert-tiny/checkpoints/last.ckpt" in out
+
+
+def test_a_fresh_run_into_a_folder_with_only_logs_is_refused_and_overwrite_clears_them(
+        workspace, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    no_checkpoints = [*tiny_run_args(workspace, "bert-tiny.yaml", 2), "--trainer.callbacks", "[]",
+                      "--trainer.enable_checkpointing", "false"]
+    assert run(no_checkpoints, capsys)[0] == 0  # logs, no checkpoint: a crash before the first one looks the same
+    args = tiny_run_args(workspace, "bert-tiny.yaml", 2)
+    code, _, err = run(args, capsys)
+    assert code == 2
+    line = one_error_line(err)
+    assert "already holds the logs of another run (version_0)" in line and "--overwrite_checkpoints true" in line
+
+    code, out, err = run([*args, "--overwrite_checkpoints", "true"], capsys)
+    assert code == 0, err[-3000:]
+    assert "deleted 0 checkpoint(s) and 1 log version(s)" in out
+    # only this run's logs remain, so show_metrics cannot mix the two
+    assert [p.name for p in (tmp_path / "runs/bert-tiny").glob("version_*")] == ["version_1"]
+
+
+@pytest.mark.parametrize("every_n_train_steps", [2, 300])
+def test_the_model_card_reports_the_final_validation_of_the_exported_step(
+        workspace, tmp_path, monkeypatch, capsys, every_n_train_steps):
+    """last.ckpt is written after the final validation (or again after it), and says which step it measured."""
+    monkeypatch.chdir(tmp_path)
+    callbacks = [{"class_path": "convmodel.run_checkpoint.RunCheckpoint",
+                  "init_args": {"every_n_train_steps": every_n_train_steps}}]
+    args = [*tiny_run_args(workspace, "bert-tiny.yaml", 4), "--trainer.callbacks", json.dumps(callbacks)]
+    code, _, err = run(args, capsys)
+    assert code == 0, err[-3000:]
+    val = read_scalars(latest_version_dir("runs/bert-tiny"), "val/loss")
+    assert len(val) == 3  # before training, at steps 2 and 4
+    export_model(f"{CKPT}/last.ckpt", "model")
+    card = (tmp_path / "model" / "README.md").read_text()
+    assert f"final validation loss: {val[-1][1]:.4f}" in card

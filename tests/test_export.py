@@ -179,8 +179,8 @@ def test_folder_has_config_safetensors_tokenizer_and_card(family, exported):
         assert "final validation loss: not recorded" in card
     else:
         [state] = [s for name, s in checkpoint["callbacks"].items() if name.startswith("ModelCheckpoint")]
-        # the checkpoint does not say at which step its val/loss was measured, and the card says so
-        assert f"last validation loss before the checkpoint: {float(state['current_score']):.4f}" in card
+        # a monitored checkpoint is written after its step's validation, and records that step
+        assert f"final validation loss: {float(state['current_score']):.4f}" in card
 
 
 def test_relative_tokenizer_path_is_found_from_the_checkpoint(exported, workspace):
@@ -443,6 +443,7 @@ def test_metrics_and_class_recorded_by_convmodel_reach_the_card(exported, tmp_pa
     checkpoint = torch.load(exported["bert-sop"][0], map_location="cpu", weights_only=True)
     checkpoint["callbacks"] = {}
     checkpoint["convmodel"]["metrics"] = {"val/loss": 2.5, "val/ppl": 12.1825, "train/loss": torch.tensor(2.75)}
+    checkpoint["convmodel"].pop("metrics_step")  # as checkpoints written before convmodel recorded it
     recorded = tmp_path / "recorded.ckpt"
     torch.save(checkpoint, recorded)
     code, err = run_export(["--ckpt_path", str(recorded), "--output_dir", str(tmp_path / "out")], capsys)
