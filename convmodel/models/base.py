@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from convmodel.errors import UserError
 from convmodel.optim import build_optimizer, build_scheduler, param_groups
+from convmodel.special_ids import read_special_ids
 
 PREDICTION_ROWS = 128  # the MLM vocabulary projection runs on a multiple of this many masked tokens
 
@@ -33,34 +34,6 @@ class Losses(NamedTuple):
     loss: torch.Tensor
     lm_loss: torch.Tensor
     n_targets: torch.Tensor
-
-
-class SpecialIds(NamedTuple):
-    """Vocabulary size and special token ids of the tokenizer (None where it has none)."""
-
-    vocab_size: int
-    pad: int | None
-    cls: int | None
-    sep: int | None
-    mask: int | None
-    eos: int | None
-    bos: int | None
-
-
-def read_special_ids(tokenizer_path: str) -> SpecialIds:
-    """Load the tokenizer once and keep only what the model needs from it."""
-    from convmodel.tokenization import load_tokenizer
-
-    tok = load_tokenizer(tokenizer_path)
-    return SpecialIds(
-        vocab_size=len(tok),
-        pad=tok.pad_token_id,
-        cls=tok.cls_token_id,
-        sep=tok.sep_token_id,
-        mask=tok.mask_token_id,
-        eos=tok.eos_token_id,
-        bos=tok.bos_token_id,
-    )
 
 
 def make_hf_config(config_class: type, user: dict | None, fixed: dict, option: str = "model.init_args.config"):
