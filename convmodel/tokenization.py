@@ -24,7 +24,6 @@ are sentencepiece "user defined symbols", so both sentencepiece and the HF token
 "[MASK]" in a text as one token.
 """
 
-import glob
 import json
 import os
 import re
@@ -34,6 +33,7 @@ import time
 from collections.abc import Iterator
 
 from convmodel.errors import UserError
+from convmodel.file_patterns import expand_file_patterns
 
 PAD, UNK, CLS, SEP, MASK, EOS = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<|endoftext|>"
 # The ids are the positions: [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4, <|endoftext|>=5.
@@ -122,21 +122,7 @@ def load_tokenizer(path: str):
 
 def resolve_input_files(input: list[str] | str) -> list[str]:
     """Files named by a list / comma-separated string of paths and glob patterns, in order."""
-    if isinstance(input, str) and input.startswith("[") and input.endswith("]"):
-        input = input[1:-1]  # a list on the command line that fire left as a string
-    patterns = [input] if isinstance(input, str) else list(input)
-    patterns = [part.strip(" '\"") for pattern in patterns for part in str(pattern).split(",")]
-    patterns = [pattern for pattern in patterns if pattern]
-    if not patterns:
-        raise UserError("--input is empty; give text files, e.g. --input 'data/sample/train.txt'.")
-    files: list[str] = []
-    for pattern in patterns:
-        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-        matches = [path for path in matches if os.path.isfile(path)]
-        if not matches:
-            raise UserError(f"--input {pattern}: no such file. Check the path (quote glob patterns).")
-        files.extend(path for path in matches if path not in files)
-    return files
+    return expand_file_patterns("--input", input)
 
 
 def require_text(files: list[str]) -> None:
