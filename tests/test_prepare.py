@@ -6,9 +6,13 @@ import random
 
 import pytest
 
+from convmodel.data.manifest import read_manifest, tokenizer_fingerprint
 from convmodel.data.prepare import main, prepare_train_data
+from convmodel.data.records import DocumentPacker
 from convmodel.errors import UserError
+from convmodel.special_ids import special_ids_of
 from convmodel.tokenization import load_tokenizer, train_tokenizer
+from convmodel.tokenization import main as tokenizer_main
 
 SYLLABLES = ["ka", "to", "mi", "ra", "ne", "su", "lo", "pe", "di", "ga", "vo", "xu", "ba", "che", "fi", "ju", "ze", "ho"]
 
@@ -42,9 +46,13 @@ def tokenizer(tokenizer_dir):
     return load_tokenizer(tokenizer_dir)
 
 
+def shard_names(output_dir) -> list[str]:
+    return sorted(name for name in os.listdir(output_dir) if name.startswith("part-"))
+
+
 def read_records(output_dir) -> list[dict]:
     records = []
-    for name in sorted(os.listdir(output_dir)):
+    for name in shard_names(output_dir):
         with open(os.path.join(output_dir, name), encoding="utf-8") as f:
             records.extend(json.loads(line) for line in f)
     return records
@@ -54,14 +62,14 @@ def doc_tokens(tokenizer, docs: list[list[str]]) -> list[list[list[int]]]:
     return [tokenizer(doc, add_special_tokens=False)["input_ids"] for doc in docs]
 
 
-def test_mlm_packs_every_sentence_in_order(tmp_path, tokenizer_dir, tokenizer):
+def test_mlm_fills_records_and_keeps_every_token_in_order(tmp_path, tokenizer_dir, tokenizer):
     docs = write_corpus(tmp_path / "a.txt", random.Random(1), 40, long_every=25)
     summary = prepare_train_data(
         str(tmp_path / "a.txt"), tokenizer_dir, str(tmp_path / "out"), "mlm", max_seq_len=48, shard_size=10, progress=False
     )
     records = read_records(tmp_path / "out")
-    assert summary.records == len(records) and summary.shards == len(os.listdir(tmp_path / "out")) > 1
-    assert sorted(os.listdir(tmp_path / "out"))[:2] == ["part-00000.jsonl", "part-00001.jsonl"]
+    assert summary.manifest.records == len(records) and len(summary.manifest.shards) == len(shard_names(tmp_path / "out")) > 1
+    assert shard_names(tmp_path / "out")[:2] == ["part-00000.jsonl", "part-00001.jsonl"]
     cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
     content = []
     for r in records:
@@ -70,23 +78,53 @@ def test_mlm_packs_every_sentence_in_order(tmp_path, tokenizer_dir, tokenizer):
         assert ids[0] == cls and ids[-1] == sep and cls not in ids[1:]
         assert ids[1] != sep and ids[-2] != sep  # a document separator never opens or closes a record
         content.extend(t for t in ids[1:-1] if t != sep)
+    # full records: one short only where a document separator would have closed it, and the last
+    assert all(len(r["input_ids"]) >= 47 for r in records[:-1])
     expected = [t for doc in doc_tokens(tokenizer, docs) for sentence in doc for t in sentence]
-    assert content == expected  # nothing dropped (long sentences are cut, not lost), nothing reordered
-    assert summary.tokens == sum(len(r["input_ids"]) for r in records)
+    assert content == expected  # nothing dropped (sentences are split across records, not lost), nothing reordered
+    assert summary.manifest.tokens == sum(len(r["input_ids"]) for r in records)
     # packing runs across document ends, with [SEP] between the documents
     assert any(sep in r["input_ids"][1:-1] for r in records)
 
 
-def test_clm_ends_each_document_with_eos(tmp_path, tokenizer_dir, tokenizer):
+def test_clm_records_are_the_token_stream_cut_at_max_seq_len(tmp_path, tokenizer_dir, tokenizer):
     docs = write_corpus(tmp_path / "a.txt", random.Random(2), 30, long_every=20)
-    prepare_train_data(str(tmp_path / "a.txt"), tokenizer_dir, str(tmp_path / "out"), "clm", 40, progress=False)
+    docs += write_corpus(tmp_path / "b.txt", random.Random(12), 30)
+    prepare_train_data(f"{tmp_path}/a.txt,{tmp_path}/b.txt", tokenizer_dir, str(tmp_path / "out"), "clm", 40,
+                       chunk_bytes=500, num_workers=1, progress=False)  # many chunks: the stream crosses them
     records = read_records(tmp_path / "out")
     eos = tokenizer.eos_token_id
-    assert all(len(r["input_ids"]) <= 40 and tokenizer.cls_token_id not in r["input_ids"] for r in records)
+    assert [len(r["input_ids"]) for r in records[:-1]] == [40] * (len(records) - 1)
+    assert 0 < len(records[-1]["input_ids"]) <= 40
+    assert all(tokenizer.cls_token_id not in r["input_ids"] for r in records)
     stream = [t for r in records for t in r["input_ids"]]
     expected = [t for doc in doc_tokens(tokenizer, docs) for t in [*sum(doc, []), eos]]
-    assert stream == expected
+    assert stream == expected  # no token lost or duplicated at a record, chunk or file boundary
     assert stream.count(eos) == len(docs)
+
+
+@pytest.mark.parametrize("objective", ["mlm", "clm"])
+def test_packer_properties_on_random_documents(objective, tokenizer):
+    """Any documents, any length: records fit, are full but the last, and give the documents back."""
+    special = special_ids_of(tokenizer)
+    rng = random.Random(objective)
+    for _ in range(300):
+        max_seq_len = rng.randint(3, 20)
+        documents = [[rng.randint(10, 99) for _ in range(rng.choice([0, 1, 2, 5, 30]))] for _ in range(rng.randint(0, 8))]
+        packer = DocumentPacker(objective, special, max_seq_len)
+        records = [r for doc in documents for r in packer.add(doc)] + list(packer.finish())
+        real = [doc for doc in documents if doc]
+        if objective == "clm":
+            assert [len(r) for r in records[:-1]] == [max_seq_len] * (len(records) - 1)
+            assert [t for r in records for t in r] == [t for doc in real for t in [*doc, special.eos]]
+            continue
+        assert all(3 <= len(r) <= max_seq_len and r[0] == special.cls and r[-1] == special.sep for r in records)
+        assert all(r[1] != special.sep and r[-2] != special.sep for r in records)
+        assert all(len(r) >= max_seq_len - 1 for r in records[:-1])
+        inner = [t for r in records for t in r[1:-1]]
+        assert [t for t in inner if t != special.sep] == [t for doc in real for t in doc]
+        # a separator for each document boundary that falls inside a record, never more
+        assert inner.count(special.sep) <= max(len(real) - 1, 0)
 
 
 def test_text_spelling_a_special_token_stays_text(tmp_path, tokenizer_dir, tokenizer):
@@ -128,18 +166,58 @@ def test_sop_pairs_are_consecutive_spans_of_one_document(tmp_path, tokenizer_dir
     assert (b + a if last["sentence_order_label"] else a + b) == tokenizer("Kato mira su.", add_special_tokens=False)["input_ids"]
 
 
-def test_same_shards_with_two_workers_as_with_one(tmp_path, tokenizer_dir):
+@pytest.mark.parametrize("objective", ["mlm", "clm", "sop"])
+def test_same_shards_and_manifest_for_any_num_workers(objective, tmp_path, tokenizer_dir):
     write_corpus(tmp_path / "a.txt", random.Random(4), 60)
     write_corpus(tmp_path / "b.txt", random.Random(5), 60)
     outputs = []
-    for workers in (1, 2):
-        out = tmp_path / f"out{workers}"
+    runs = [(1, 2000), (2, 2000)] + ([(1, 1 << 20)] if objective != "sop" else [])  # mlm/clm: any chunk size too
+    for workers, chunk_bytes in runs:
+        out = tmp_path / f"out{workers}-{chunk_bytes}"
         prepare_train_data(
-            str(tmp_path / "*.txt"), tokenizer_dir, str(out), "sop", 32, shard_size=50,
-            num_workers=workers, seed=7, chunk_bytes=2000, progress=False,
+            str(tmp_path / "*.txt"), tokenizer_dir, str(out), objective, 32, shard_size=50,
+            num_workers=workers, seed=7, chunk_bytes=chunk_bytes, progress=False,
         )  # fmt: skip
         outputs.append({name: (out / name).read_text() for name in sorted(os.listdir(out))})
-    assert len(outputs[0]) > 2 and outputs[0] == outputs[1]
+    assert len(outputs[0]) > 3 and "manifest.json" in outputs[0]
+    assert all(output == outputs[0] for output in outputs[1:])
+
+
+def test_manifest_counts_what_the_shards_hold_and_is_replaced_with_overwrite(tmp_path, tokenizer_dir, tokenizer):
+    write_corpus(tmp_path / "a.txt", random.Random(6), 80)
+    out = tmp_path / "out"
+    prepare_train_data(str(tmp_path / "a.txt"), tokenizer_dir, str(out), "mlm", 24, shard_size=40, progress=False)
+    first = read_manifest(str(out))
+    assert (first.objective, first.max_seq_len, first.vocab_size) == ("mlm", 24, len(tokenizer))
+    assert first.tokenizer_path == tokenizer_dir and first.tokenizer_fingerprint == tokenizer_fingerprint(tokenizer_dir)
+    assert [s.file for s in first.shards] == shard_names(out) and len(first.shards) > 2
+
+    def check_counts(manifest):
+        for shard in manifest.shards:
+            lines = (out / shard.file).read_text(encoding="utf-8").splitlines()
+            assert shard.records == len(lines) and shard.bytes == os.path.getsize(out / shard.file)
+            assert shard.tokens == sum(len(json.loads(line)["input_ids"]) for line in lines)
+
+    check_counts(first)
+    assert first.padding_fraction == pytest.approx(1 - first.tokens / (first.records * 24))
+    # fewer, longer clm records: the old shards beyond the new ones must go, the manifest must follow
+    prepare_train_data(str(tmp_path / "a.txt"), tokenizer_dir, str(out), "clm", 64, shard_size=40, overwrite=True,
+                       progress=False)
+    second = read_manifest(str(out))
+    assert (second.objective, second.max_seq_len) == ("clm", 64) and len(second.shards) < len(first.shards)
+    assert [s.file for s in second.shards] == shard_names(out)
+    check_counts(second)
+
+
+def test_a_failed_run_leaves_no_manifest_and_no_shards(tmp_path, tokenizer_dir):
+    write_corpus(tmp_path / "a.txt", random.Random(7), 20)
+    prepare_train_data(str(tmp_path / "a.txt"), tokenizer_dir, str(tmp_path / "out"), "mlm", 32, progress=False)
+    assert read_manifest(str(tmp_path / "out")) is not None
+    (tmp_path / "b.txt").write_bytes(b"Kato mira.\n\nvo \xff xu.\n")
+    with pytest.raises(UserError, match=r"b\.txt:3: not valid UTF-8"):
+        prepare_train_data(f"{tmp_path}/a.txt,{tmp_path}/b.txt", tokenizer_dir, str(tmp_path / "out"), "mlm", 32,
+                           overwrite=True, progress=False)
+    assert os.listdir(tmp_path / "out") == []  # the old manifest went first: it must not describe missing shards
 
 
 def test_undecodable_line_is_reported_with_file_and_line(tmp_path, tokenizer_dir):
@@ -149,12 +227,12 @@ def test_undecodable_line_is_reported_with_file_and_line(tmp_path, tokenizer_dir
         prepare_train_data(
             str(tmp_path / "*.txt"), tokenizer_dir, str(tmp_path / "out"), "mlm", 32, num_workers=2, progress=False
         )
-    assert not os.listdir(tmp_path / "out")  # no half-written shards left behind
+    assert not os.listdir(tmp_path / "out")  # no half-written shards left behind, no manifest
 
 
 def test_user_mistakes_name_the_option(tmp_path, tokenizer_dir):
     (tmp_path / "a.txt").write_text("Kato mira.\n", encoding="utf-8")
-    with pytest.raises(UserError, match=r"--input 'nothing/\*\.txt' matches no file"):
+    with pytest.raises(UserError, match=r"--input nothing/\*\.txt: no such file"):
         prepare_train_data("nothing/*.txt", tokenizer_dir, str(tmp_path / "out"), "mlm", 32)
     with pytest.raises(UserError, match="--objective must be one of mlm, sop, clm") as info:
         prepare_train_data(str(tmp_path / "a.txt"), tokenizer_dir, str(tmp_path / "out"), "nsp", 32, shard_size=0)
@@ -165,17 +243,20 @@ def test_user_mistakes_name_the_option(tmp_path, tokenizer_dir):
         prepare_train_data(str(tmp_path / "a.txt"), str(tmp_path / "no-tokenizer"), str(tmp_path / "out"), "mlm", 32)
 
     prepare_train_data(str(tmp_path / "a.txt"), tokenizer_dir, str(tmp_path / "out"), "mlm", 32, progress=False)
-    with pytest.raises(UserError, match="already holds 1 shard.*--overwrite"):
+    with pytest.raises(UserError, match=r"already holds shards \(part-00000.jsonl, manifest.json\).*--overwrite"):
         prepare_train_data(str(tmp_path / "a.txt"), tokenizer_dir, str(tmp_path / "out"), "clm", 32, progress=False)
     prepare_train_data(str(tmp_path / "a.txt"), tokenizer_dir, str(tmp_path / "out"), "clm", 32, overwrite=True, progress=False)
     assert read_records(tmp_path / "out")[0]["input_ids"][0] != 2  # replaced by clm records: no [CLS]
 
 
-def test_command_line_prints_summary_or_error(tmp_path, tokenizer_dir, capsys):
+def test_command_line_prints_summary_with_padding_or_error(tmp_path, tokenizer_dir, capsys):
     (tmp_path / "a.txt").write_text("Kato mira su.\nLo pe di.\n\nGa vo xu.\n", encoding="utf-8")
     argv = ["--input", str(tmp_path / "a.txt"), "--tokenizer", tokenizer_dir, "--output_dir", str(tmp_path / "out")]
-    main([*argv, "--objective", "sop", "--max_seq_len", "16"])
-    assert "sop records" in capsys.readouterr().out
+    main([*argv, "--objective", "clm", "--max_seq_len", "8", "--noprogress"])
+    manifest = read_manifest(str(tmp_path / "out"))
+    out = capsys.readouterr().out
+    assert f"wrote {manifest.records} clm records ({manifest.tokens} tokens)" in out
+    assert 0 < manifest.padding_fraction < 1 and f"padding {manifest.padding_fraction:.2%} of 8-token records" in out
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2
@@ -183,11 +264,76 @@ def test_command_line_prints_summary_or_error(tmp_path, tokenizer_dir, capsys):
     assert err.startswith("error: --output_dir") and "Traceback" not in err
 
 
-def test_command_line_takes_a_glob_the_shell_expanded(tmp_path, tokenizer_dir, capsys):
+def test_input_without_text_is_one_error_and_writes_nothing(tmp_path, tokenizer_dir, capsys):
+    (tmp_path / "empty.txt").write_text("", encoding="utf-8")
+    (tmp_path / "blank.txt").write_text("\n   \n\t\n\n", encoding="utf-8")
+    argv = ["--input", f"{tmp_path}/empty.txt,{tmp_path}/blank.txt", "--tokenizer", tokenizer_dir]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--output_dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: --input has no text")
+    assert str(tmp_path / "empty.txt") in err[0] and str(tmp_path / "blank.txt") in err[0]
+    assert not (tmp_path / "out").exists()
+    # over an old folder with --overwrite: the old shards and manifest are kept, not replaced by nothing
+    (tmp_path / "a.txt").write_text("Kato mira su.\n", encoding="utf-8")
+    prepare_train_data(str(tmp_path / "a.txt"), tokenizer_dir, str(tmp_path / "old"), "mlm", 16, progress=False)
+    before = sorted(os.listdir(tmp_path / "old"))
+    with pytest.raises(SystemExit):
+        main([*argv, "--output_dir", str(tmp_path / "old"), "--overwrite"])
+    assert sorted(os.listdir(tmp_path / "old")) == before == ["manifest.json", "part-00000.jsonl"]
+
+
+def test_sop_text_too_short_for_a_pair_is_an_error(tmp_path, tokenizer_dir, tokenizer):
+    words = [w for w in SYLLABLES if len(tokenizer(w, add_special_tokens=False)["input_ids"]) == 1]
+    assert words, "the test needs a one-token word"
+    (tmp_path / "a.txt").write_text(f"{words[0]}\n\n{words[-1]}\n", encoding="utf-8")
+    with pytest.raises(UserError, match="gave no sop record.*at least 2 tokens"):
+        prepare_train_data(str(tmp_path / "a.txt"), tokenizer_dir, str(tmp_path / "out"), "sop", 16, progress=False)
+    assert os.listdir(tmp_path / "out") == []
+
+
+def test_home_directory_in_input_for_prepare_and_train_tokenizer(tmp_path, tokenizer_dir, monkeypatch, capsys):
+    home = tmp_path / "home"
+    home.mkdir()
+    write_corpus(home / "x.txt", random.Random(8), 60)
+    monkeypatch.setenv("HOME", str(home))
+    main(["--input", "~/x.txt", "--tokenizer", tokenizer_dir, "--output_dir", str(tmp_path / "out"), "--noprogress"])
+    assert "mlm records" in capsys.readouterr().out and read_records(tmp_path / "out")
+    tokenizer_main(["--input", "~/x.txt", "--output_dir", str(tmp_path / "tok"), "--vocab_size", "400"])
+    assert "Saved the tokenizer to" in capsys.readouterr().out
+    assert len(load_tokenizer(str(tmp_path / "tok"))) == 400
+
+
+def test_command_line_takes_a_glob_the_shell_expanded(tmp_path, tokenizer_dir, tokenizer, capsys):
     for name in ("a", "b"):
         (tmp_path / f"{name}.txt").write_text(f"Kato {name} mira su.\nLo pe di.\n", encoding="utf-8")
     main(["--input", str(tmp_path / "a.txt"), str(tmp_path / "b.txt"), "--tokenizer", tokenizer_dir,
           "--output_dir", str(tmp_path / "out"), "--num_workers", "1"])
     assert "mlm records" in capsys.readouterr().out
-    text = "".join(path.read_text() for path in (tmp_path / "out").glob("part-*.jsonl"))
-    assert text.count("input_ids") == 2  # one record per file: both files were read
+    (record,) = read_records(tmp_path / "out")  # both files were read; their documents share one record
+    files = [doc_tokens(tokenizer, [[f"Kato {name} mira su.", "Lo pe di."]])[0] for name in ("a", "b")]
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    assert record["input_ids"] == [cls, *sum(files[0], []), sep, *sum(files[1], []), sep]
+
+
+def test_file_patterns_one_rule_for_every_tool(tmp_path, monkeypatch):
+    from convmodel.file_patterns import expand_file_patterns
+
+    for name in ("b.txt", "a.txt", "notes[1].txt"):
+        (tmp_path / name).write_text("x\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "c.txt").write_text("x\n")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    a, b, notes, c = (str(tmp_path / n) for n in ("a.txt", "b.txt", "notes[1].txt", "sub/c.txt"))
+    assert expand_file_patterns("--input", "~/?.txt") == [a, b]  # ~ expanded, matches sorted
+    assert expand_file_patterns("--input", f"'{b}', ~/a.txt,{b}") == [b, a]  # in order, quotes stripped, once each
+    # a name with glob characters that is a file is that file; ** reaches any depth
+    assert expand_file_patterns("--input", [notes, f"{tmp_path}/**/*.txt"]) == [notes, a, b, c]
+    assert expand_file_patterns("--input", f"[{a},{b}]") == [a, b]  # a list fire left as a string
+    with pytest.raises(UserError, match=r"^data.train_files ~/nothing\*.jsonl: no such file. Make shards"):
+        expand_file_patterns("data.train_files", "~/nothing*.jsonl", "Make shards first.")
+    with pytest.raises(UserError, match=r"--input .*sub: no such file"):  # a directory is not a file
+        expand_file_patterns("--input", str(tmp_path / "sub"))
+    with pytest.raises(UserError, match="--input is empty"):
+        expand_file_patterns("--input", " , ")

@@ -1,5 +1,5 @@
-"""Tokenize text into JSONL shards: `python trainer/prepare_train_data.py --input 'corpus/*.txt' --tokenizer tok
---output_dir data/train --objective mlm --max_seq_len 128` (see convmodel/data/prepare.py)."""
+"""Tokenize text into JSONL shards and their manifest.json: `python trainer/prepare_train_data.py --input
+'corpus/*.txt' --tokenizer tok --output_dir data/train --objective mlm --max_seq_len 128` (see convmodel/data/prepare.py)."""
 
 from convmodel.data.prepare import main
 

@@ -1,26 +1,30 @@
-"""Raw text -> JSONL shards of token ids for one pretraining objective (mlm, sop or clm).
+"""Raw text -> JSONL shards of token ids for one pretraining objective (mlm, sop or clm), and a manifest.
 
 Input text has one sentence (or paragraph) per line; a blank line ends a document. The work is
 cut into chunks of whole documents (about CHUNK_BYTES each, cut at blank lines) so that even one
-huge file keeps every worker busy. Chunk boundaries and the random choices inside a chunk depend
-only on the input files and `seed`, and the parent writes chunk results in input order, so the
-shards are the same for any `num_workers`.
+huge file keeps every worker busy. Workers read and tokenize chunks; for sop they also build the
+pairs, whose random choices are seeded by the chunk's index. The parent takes the results in
+input order, packs mlm/clm documents with one DocumentPacker over the whole input (so only the
+very last record is short) and writes the shards. Chunk boundaries depend only on the input
+files, so the shards are the same for any `num_workers` (and, for mlm and clm, any chunk size).
+The record layouts are in convmodel/data/records.py.
 
-Record layouts (one JSON object per line, see docs of `prepare_train_data`):
-  mlm: {"input_ids": [CLS, ..., SEP]}           whole sentences packed up to max_seq_len
-  clm: {"input_ids": [...]}                      whole sentences packed, EOS after each document
-  sop: {"input_ids": [CLS, A.., SEP, B.., SEP], "token_type_ids": [0.., 1..],
-        "sentence_order_label": 0 in order | 1 swapped}
+`manifest.json` (convmodel/data/manifest.py) is written after the last shard is closed, and an
+old one is deleted before anything else in the folder changes: an interrupted run leaves no
+manifest that describes shards which are not there.
 """
 
 import glob
 import json
 import os
 import random
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from convmodel.data.manifest import MANIFEST, Manifest, ShardCount, tokenizer_fingerprint, write_manifest
+from convmodel.data.records import DocumentPacker, sop_records
 from convmodel.errors import UserError
+from convmodel.file_patterns import expand_file_patterns
+from convmodel.special_ids import SpecialIds, special_ids_of
 
 OBJECTIVES = ("mlm", "sop", "clm")
 SHARD_PATTERN = "part-{:05d}.jsonl"
@@ -29,6 +33,8 @@ CHUNK_BYTES = 4 << 20
 BOUNDARY_SEARCH_BYTES = 1 << 20
 # Fewest tokens a record needs besides content: mlm [CLS] x [SEP], sop [CLS] a [SEP] b [SEP], clm x y.
 MIN_SEQ_LEN = {"mlm": 3, "sop": 5, "clm": 2}
+# The special tokens the records are built from (unk replaces specials spelled out in the text).
+NEEDED_SPECIALS = ("cls", "sep", "eos", "unk")
 
 
 @dataclass(frozen=True)
@@ -41,38 +47,24 @@ class Chunk:
     index: int  # position among all chunks of the job; seeds the chunk's random choices
 
 
-@dataclass(frozen=True)
-class SpecialIds:
-    cls: int
-    sep: int
-    eos: int
-    unk: int
-    all: frozenset[int]
+@dataclass
+class ChunkResult:
+    """What a worker sends back: documents for the parent's packer (mlm, clm) or finished lines (sop)."""
+
+    nbytes: int  # input bytes the chunk covered, for the progress bar
+    documents: list[list[int]] = field(default_factory=list)  # token ids per document, no specials
+    lines: list[str] = field(default_factory=list)  # JSON records
+    line_tokens: list[int] = field(default_factory=list)  # len(input_ids) of each line
+    swapped: int = 0  # sop records with sentence_order_label 1
 
 
 @dataclass
 class Summary:
-    records: int = 0
-    tokens: int = 0
-    shards: int = 0
-    swapped: int = 0  # sop records with sentence_order_label 1
+    """What a run made: the manifest it wrote (counts, padding) and, for sop, the swapped pairs."""
 
-
-def expand_inputs(inputs: str | list[str] | tuple[str, ...]) -> list[str]:
-    """Files named by `--input`: paths or globs, a list or a comma-separated string, in that order."""
-    if not isinstance(inputs, list | tuple):  # fire turns `--input 2024` into an int
-        inputs = str(inputs)
-    patterns = inputs.split(",") if isinstance(inputs, str) else [str(p) for p in inputs]
-    patterns = [p.strip() for p in patterns if p.strip()]
-    if not patterns:
-        raise UserError("--input is empty; give a text file, a glob such as 'corpus/*.txt' (quoted), or a list")
-    files: list[str] = []
-    for pattern in patterns:
-        matches = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
-        if not matches:
-            raise UserError(f"--input {pattern!r} matches no file; check the path (quote globs so the shell leaves them)")
-        files.extend(m for m in matches if m not in files)
-    return files
+    manifest: Manifest
+    output_dir: str
+    swapped: int = 0
 
 
 def split_into_chunks(path: str, first_index: int, chunk_bytes: int = CHUNK_BYTES) -> list[Chunk]:
@@ -83,12 +75,10 @@ def split_into_chunks(path: str, first_index: int, chunk_bytes: int = CHUNK_BYTE
         while cuts[-1] + chunk_bytes < size:
             f.seek(cuts[-1] + chunk_bytes)
             f.readline()  # finish the line we landed in
-            cut = f.tell()
+            cut = f.tell()  # a plain line end: only where a document runs past the whole search
             while f.tell() - cut < BOUNDARY_SEARCH_BYTES:
                 line = f.readline()
-                if not line:
-                    break
-                if not line.strip():
+                if not line or not line.strip():  # the file's end or a blank line ends the document
                     cut = f.tell()
                     break
             if cut >= size:
@@ -166,201 +156,73 @@ def tokenize_documents(tokenizer, documents: list[list[str]], special: SpecialId
     return result
 
 
-def pack_sentences(
-    documents: Iterable[list[list[int]]], budget: int, doc_separator: int | None = None, doc_end: int | None = None
-) -> Iterator[list[int]]:
-    """Pack whole sentences into sequences of at most `budget` tokens (RoBERTa FULL-SENTENCES).
-
-    Sequences run across documents: `doc_end` (clm: EOS) is appended to each document's last
-    sentence; `doc_separator` (mlm: [SEP]) goes between two documents sharing a sequence. A
-    sentence longer than `budget` is cut into budget-sized pieces rather than dropped.
-    """
-    current: list[int] = []
-    for doc in documents:
-        sentences = list(doc)
-        if doc_end is not None:
-            sentences[-1] = sentences[-1] + [doc_end]
-        for i, sentence in enumerate(sentences):
-            glue = [doc_separator] if i == 0 and current and doc_separator is not None else []
-            if len(current) + len(glue) + len(sentence) <= budget:
-                current += glue + sentence
-                continue
-            if current:
-                yield current
-            while len(sentence) > budget:
-                yield sentence[:budget]
-                sentence = sentence[budget:]
-            current = list(sentence)
-    if current:
-        yield current
-
-
-def mlm_records(documents: list[list[list[int]]], special: SpecialIds, max_seq_len: int) -> Iterator[dict]:
-    """[CLS] packed sentences [SEP]; documents sharing a record are separated by [SEP].
-
-    Crossing document ends keeps records full (no padding spent on short documents); RoBERTa
-    found FULL-SENTENCES within noise of stopping at document ends (DOC-SENTENCES).
-    """
-    for content in pack_sentences(documents, max_seq_len - 2, doc_separator=special.sep):
-        yield {"input_ids": [special.cls, *content, special.sep]}
-
-
-def clm_records(documents: list[list[list[int]]], special: SpecialIds, max_seq_len: int) -> Iterator[dict]:
-    """Packed sentences with EOS closing each document, GPT-2 style (no [CLS])."""
-    for content in pack_sentences(documents, max_seq_len, doc_end=special.eos):
-        yield {"input_ids": content}
-
-
-def _split_pair(chunk: list[list[int]], rng: random.Random) -> tuple[list[int], list[int]] | None:
-    """Segments A and B of a chunk in document order: cut at a random sentence boundary, or inside
-    the only sentence; None when a lone sentence has fewer than two tokens."""
-    if len(chunk) >= 2:
-        a_end = rng.randint(1, len(chunk) - 1)
-        return [t for s in chunk[:a_end] for t in s], [t for s in chunk[a_end:] for t in s]
-    tokens = chunk[0]
-    if len(tokens) < 2:
-        return None
-    cut = rng.randint(1, len(tokens) - 1)
-    return tokens[:cut], tokens[cut:]
-
-
-def _truncate_pair(a: list[int], b: list[int], limit: int) -> tuple[list[int], list[int]]:
-    """Trim the longer segment from its outer end (A's front, B's back) until both fit `limit`.
-
-    Keeping the A|B junction intact keeps the sentence-order signal: the in-order concatenation
-    is always a contiguous span of the document.
-    """
-    cut_a = cut_b = 0
-    while len(a) - cut_a + len(b) - cut_b > limit:
-        if len(a) - cut_a > len(b) - cut_b:
-            cut_a += 1
-        else:
-            cut_b += 1
-    return a[cut_a:], b[: len(b) - cut_b]
-
-
-def sop_records(
-    documents: list[list[list[int]]], special: SpecialIds, max_seq_len: int, rng: random.Random, short_seq_prob: float
-) -> Iterator[dict]:
-    """ALBERT sentence-order pairs: A and B are consecutive spans of one document, swapped with p=0.5.
-
-    Sentences are accumulated into a chunk up to a target length (max_seq_len - 3, or with
-    probability `short_seq_prob` a random shorter one), the chunk is cut into A and B, and the pair
-    is trimmed to fit. B is always the text that follows A, never a copy of it.
-    """
-    limit = max_seq_len - 3
-    for doc in documents:
-        sentences = [s[i : i + limit] for s in doc for i in range(0, len(s), limit)]
-        target = limit if rng.random() >= short_seq_prob else rng.randint(2, limit)
-        chunk: list[list[int]] = []
-        length = 0
-        for i, sentence in enumerate(sentences):
-            chunk.append(sentence)
-            length += len(sentence)
-            if i < len(sentences) - 1 and length < target:
-                continue
-            pair = _split_pair(chunk, rng)
-            chunk, length = [], 0
-            target = limit if rng.random() >= short_seq_prob else rng.randint(2, limit)
-            if pair is None:
-                continue
-            a, b = _truncate_pair(*pair, limit)
-            swapped = rng.random() < 0.5
-            if swapped:
-                a, b = b, a
-            yield {
-                "input_ids": [special.cls, *a, special.sep, *b, special.sep],
-                "token_type_ids": [0] * (len(a) + 2) + [1] * (len(b) + 1),
-                "sentence_order_label": int(swapped),
-            }
-
-
 # --- worker side -------------------------------------------------------------------------------
 
 _WORKER: dict = {}
 
 
-def _init_worker(
-    tokenizer_path: str, objective: str, max_seq_len: int, seed: int, short_seq_prob: float, in_pool: bool
-) -> None:
-    """Load the tokenizer once per worker process."""
+def _init_worker(tokenizer_path: str, objective: str, max_seq_len: int, seed: int, short_seq_prob: float,
+                 in_pool: bool, tokenizer=None) -> None:
+    """Load the tokenizer once per worker process (the parent passes its own when it does the work)."""
     if in_pool:  # the processes are the parallelism; a thread pool in each would oversubscribe the cores
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    from convmodel.tokenization import load_tokenizer
+    if tokenizer is None:
+        from convmodel.tokenization import load_tokenizer
 
-    tokenizer = load_tokenizer(tokenizer_path)
-    _WORKER.update(
-        tokenizer=tokenizer,
-        special=special_ids(tokenizer, tokenizer_path),
-        objective=objective,
-        max_seq_len=max_seq_len,
-        seed=seed,
-        short_seq_prob=short_seq_prob,
-    )
+        tokenizer = load_tokenizer(tokenizer_path)
+    _WORKER.update(tokenizer=tokenizer, special=special_ids_of(tokenizer), objective=objective,
+                   max_seq_len=max_seq_len, seed=seed, short_seq_prob=short_seq_prob)
 
 
-def special_ids(tokenizer, tokenizer_path: str) -> SpecialIds:
-    names = ("cls", "sep", "eos", "unk")
-    ids = {name: getattr(tokenizer, f"{name}_token_id", None) for name in names}
-    missing = [name for name, value in ids.items() if value is None]
-    if missing:
-        raise UserError(
-            f"--tokenizer {tokenizer_path}: no {', '.join(m + '_token' for m in missing)}; "
-            "make the tokenizer with trainer/train_tokenizer.py"
-        )
-    return SpecialIds(**ids, all=frozenset(tokenizer.all_special_ids))
-
-
-def process_chunk(chunk: Chunk) -> tuple[list[str], int, int, int]:
-    """One chunk -> (JSON lines, tokens, swapped pairs, bytes read)."""
+def process_chunk(chunk: Chunk) -> ChunkResult:
+    """One chunk, tokenized: its documents (mlm, clm), or its sop records as JSON lines."""
     w = _WORKER
     documents = tokenize_documents(w["tokenizer"], read_documents(chunk), w["special"])
-    if w["objective"] == "mlm":
-        records = mlm_records(documents, w["special"], w["max_seq_len"])
-    elif w["objective"] == "clm":
-        records = clm_records(documents, w["special"], w["max_seq_len"])
-    else:
-        rng = random.Random(f"{w['seed']}/{chunk.index}")
-        records = sop_records(documents, w["special"], w["max_seq_len"], rng, w["short_seq_prob"])
-    lines, tokens, swapped = [], 0, 0
-    for record in records:
-        lines.append(json.dumps(record, separators=(",", ":")))
-        tokens += len(record["input_ids"])
-        swapped += record.get("sentence_order_label", 0)
-    return lines, tokens, swapped, chunk.end - chunk.start
+    result = ChunkResult(nbytes=chunk.end - chunk.start)
+    if w["objective"] != "sop":
+        result.documents = [[t for sentence in doc for t in sentence] for doc in documents]
+        return result
+    rng = random.Random(f"{w['seed']}/{chunk.index}")
+    for record in sop_records(documents, w["special"], w["max_seq_len"], rng, w["short_seq_prob"]):
+        result.lines.append(json.dumps(record, separators=(",", ":")))
+        result.line_tokens.append(len(record["input_ids"]))
+        result.swapped += record["sentence_order_label"]
+    return result
 
 
 # --- parent side -------------------------------------------------------------------------------
 
 
 class ShardWriter:
-    """Writes JSON lines into part-00000.jsonl, part-00001.jsonl, ... `shard_size` lines each."""
+    """Writes JSON lines into part-00000.jsonl, part-00001.jsonl, ... `shard_size` lines each,
+    counting the records and tokens of each shard for the manifest."""
 
     def __init__(self, output_dir: str, shard_size: int):
         self.output_dir = output_dir
         self.shard_size = shard_size
         self.paths: list[str] = []
+        self.counts: list[ShardCount] = []  # bytes filled in by close()
         self._file = None
-        self._lines_in_shard = 0
 
-    def write(self, lines: list[str]) -> None:
-        for line in lines:
-            if self._file is None or self._lines_in_shard == self.shard_size:
-                self._next_shard()
-            self._file.write(line + "\n")
-            self._lines_in_shard += 1
+    def write(self, line: str, tokens: int) -> None:
+        if self._file is None or self.counts[-1].records == self.shard_size:
+            self._next_shard()
+        self._file.write(line + "\n")
+        self.counts[-1].records += 1
+        self.counts[-1].tokens += tokens
 
     def _next_shard(self) -> None:
         self.close()
-        path = os.path.join(self.output_dir, SHARD_PATTERN.format(len(self.paths)))
-        self.paths.append(path)
-        self._file = open(path, "w", encoding="utf-8")
-        self._lines_in_shard = 0
+        name = SHARD_PATTERN.format(len(self.paths))
+        self.paths.append(os.path.join(self.output_dir, name))
+        self.counts.append(ShardCount(file=name, records=0, tokens=0, bytes=0))
+        self._file = open(self.paths[-1], "w", encoding="utf-8")
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+            self.counts[-1].bytes = os.path.getsize(self.paths[-1])
 
     def remove(self) -> None:
         self.close()
@@ -397,16 +259,15 @@ def _check_options(objective: str, max_seq_len: int, shard_size: int, num_worker
         raise UserError("; ".join(problems))
 
 
-def _existing_shards(output_dir: str, overwrite: bool) -> list[str]:
-    """Shards already in output_dir (UserError unless overwrite); nothing is changed yet."""
+def _existing_outputs(output_dir: str, overwrite: bool) -> list[str]:
+    """Shards and manifest already in output_dir (UserError unless overwrite); nothing is changed yet."""
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise UserError(f"--output_dir {output_dir} is a file; give a directory")
-    existing = sorted(glob.glob(os.path.join(output_dir, "part-*.jsonl")))
+    existing = sorted(glob.glob(os.path.join(output_dir, "part-*.jsonl"))) + glob.glob(os.path.join(output_dir, MANIFEST))
     if existing and not overwrite:
-        raise UserError(
-            f"--output_dir {output_dir} already holds {len(existing)} shard(s) ({os.path.basename(existing[0])}, ...); "
-            "pass --overwrite to replace them or choose another directory"
-        )
+        names = ", ".join(os.path.basename(p) for p in existing[:2]) + (", ..." if len(existing) > 2 else "")
+        raise UserError(f"--output_dir {output_dir} already holds shards ({names}); "
+                        "pass --overwrite to replace them or choose another directory")
     return existing
 
 
@@ -424,77 +285,93 @@ def prepare_train_data(
     chunk_bytes: int = CHUNK_BYTES,
     progress: bool = True,
 ) -> Summary:
-    """Tokenize text files into JSONL shards for pretraining.
+    """Tokenize text files into JSONL shards for pretraining, and write their manifest.json.
 
     Args:
         input: text files or quoted globs (a list, or comma-separated); one sentence per line,
             a blank line between documents.
         tokenizer: tokenizer directory made by train_tokenizer.py.
-        output_dir: where part-00000.jsonl, part-00001.jsonl, ... are written.
+        output_dir: where part-00000.jsonl, part-00001.jsonl, ... and manifest.json are written.
         objective: mlm (BERT/RoBERTa), sop (ALBERT: MLM + sentence order) or clm (GPT-2).
         max_seq_len: most tokens per record, special tokens included.
         shard_size: records per shard file.
         num_workers: processes tokenizing in parallel (default: all CPU cores).
         seed: seeds the sop segment cuts and swaps; same inputs and seed give the same shards.
         short_seq_prob: sop only: share of pairs given a random shorter target length.
-        overwrite: replace shards already in output_dir.
-        chunk_bytes: size of the units of parallel work (tests make it small).
-        progress: show a tqdm bar over input bytes.
+        overwrite: replace shards (and the manifest) already in output_dir.
+        chunk_bytes: bytes of text per unit of parallel work (cut at a blank line near it).
+        progress: show a progress bar over the input bytes (--noprogress: none).
     """
     from tqdm import tqdm
 
-    from convmodel.tokenization import load_tokenizer
+    from convmodel.tokenization import load_tokenizer, require_text
 
+    tokenizer, output_dir = str(tokenizer), str(output_dir)  # fire reads `--output_dir 2024` as an int
     _check_options(objective, max_seq_len, shard_size, num_workers, short_seq_prob)
-    files = expand_inputs(input)
-    existing = _existing_shards(output_dir, overwrite)
-    special_ids(load_tokenizer(tokenizer), tokenizer)  # a bad tokenizer fails here, before any change
+    files = expand_file_patterns("--input", input)
+    existing = _existing_outputs(output_dir, overwrite)
+    loaded = load_tokenizer(tokenizer)  # a bad tokenizer or an empty input fails here, before any change
+    special = special_ids_of(loaded)
+    special.require(NEEDED_SPECIALS, tokenizer)
+    manifest = Manifest(objective, max_seq_len, tokenizer, special.vocab_size, tokenizer_fingerprint(tokenizer))
+    require_text(files)
     os.makedirs(output_dir, exist_ok=True)
-    for path in existing:
+    for path in sorted(existing, key=lambda p: not p.endswith(MANIFEST)):  # the manifest goes first
         os.remove(path)
 
     chunks: list[Chunk] = []
     for path in files:
         chunks.extend(split_into_chunks(path, len(chunks), chunk_bytes))
-    total_bytes = sum(c.end - c.start for c in chunks)
     workers = min(num_workers or os.cpu_count() or 1, max(len(chunks), 1))
     init_args = (tokenizer, objective, max_seq_len, seed, short_seq_prob, workers > 1)
 
-    summary = Summary()
+    summary = Summary(manifest, output_dir)
     writer = ShardWriter(output_dir, shard_size)
+    packer = None if objective == "sop" else DocumentPacker(objective, special, max_seq_len)
     # the pool starts before tqdm's monitor thread exists, so fork copies a single-threaded process
     pool = _start_pool(workers, init_args) if workers > 1 else None
     if pool is None:
-        _init_worker(*init_args)
-    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"prepare {objective}", disable=not progress)
+        _init_worker(*init_args, tokenizer=loaded)
+    bar = tqdm(total=sum(c.end - c.start for c in chunks), unit="B", unit_scale=True, desc=f"prepare {objective}",
+               disable=not progress)
     try:
-        results = pool.imap(process_chunk, chunks) if pool is not None else map(process_chunk, chunks)
-        for lines, tokens, swapped, nbytes in results:
-            writer.write(lines)
-            summary.records += len(lines)
-            summary.tokens += tokens
-            summary.swapped += swapped
-            bar.update(nbytes)
+        for result in pool.imap(process_chunk, chunks) if pool is not None else map(process_chunk, chunks):
+            for line, tokens in zip(result.lines, result.line_tokens):
+                writer.write(line, tokens)
+            for document in result.documents:
+                _write_packed(writer, packer.add(document))
+            summary.swapped += result.swapped
+            bar.update(result.nbytes)
+        if packer is not None:
+            _write_packed(writer, packer.finish())
+        writer.close()
+        if not writer.paths:
+            raise UserError(f"--input {', '.join(files)}: the text gave no {objective} record"
+                            + (" (sop needs documents of at least 2 tokens)" if objective == "sop" else ""))
     except BaseException:
         writer.remove()
         raise
     finally:
         bar.close()
-        writer.close()
         if pool is not None:
             pool.terminate()
             pool.join()
-    summary.shards = len(writer.paths)
+    manifest.shards = writer.counts
+    write_manifest(output_dir, manifest)
     return summary
 
 
-def format_summary(summary: Summary, objective: str, output_dir: str) -> str:
-    text = (
-        f"wrote {summary.records} {objective} records ({summary.tokens} tokens) "
-        f"in {summary.shards} shard(s) to {output_dir}"
-    )
-    if objective == "sop" and summary.records:
-        text += f"; {summary.swapped / summary.records:.1%} of pairs swapped"
+def _write_packed(writer: ShardWriter, records) -> None:
+    for input_ids in records:
+        writer.write(json.dumps({"input_ids": input_ids}, separators=(",", ":")), len(input_ids))
+
+
+def format_summary(summary: Summary) -> str:
+    m = summary.manifest
+    text = (f"wrote {m.records} {m.objective} records ({m.tokens} tokens) in {len(m.shards)} shard(s) "
+            f"to {summary.output_dir}; padding {m.padding_fraction:.2%} of {m.max_seq_len}-token records")
+    if m.objective == "sop" and m.records:
+        text += f"; {summary.swapped / m.records:.1%} of pairs swapped"
     return text
 
 
@@ -505,37 +382,7 @@ def main(argv: list[str] | None = None) -> None:
     from convmodel.tokenization import join_input_arguments
     from convmodel.tool_cli import run_tool
 
-    def run(
-        input: str | list[str],
-        tokenizer: str,
-        output_dir: str,
-        objective: str = "mlm",
-        max_seq_len: int = 128,
-        shard_size: int = 10000,
-        num_workers: int | None = None,
-        seed: int = 0,
-        short_seq_prob: float = 0.1,
-        overwrite: bool = False,
-    ) -> None:
-        """Tokenize text (one sentence per line, blank line between documents) into JSONL shards.
-
-        Args:
-            input: text files or quoted globs (a list, or comma-separated).
-            tokenizer: tokenizer directory made by train_tokenizer.py.
-            output_dir: where part-00000.jsonl, ... are written.
-            objective: mlm, sop or clm.
-            max_seq_len: most tokens per record, special tokens included.
-            shard_size: records per shard file.
-            num_workers: processes tokenizing in parallel (default: all CPU cores).
-            seed: seeds the sop segment cuts and swaps.
-            short_seq_prob: sop only: share of pairs given a random shorter target length.
-            overwrite: replace shards already in output_dir.
-        """
-        tokenizer, output_dir = str(tokenizer), str(output_dir)  # fire reads `--output_dir 2024` as an int
-        summary = prepare_train_data(
-            input, tokenizer, output_dir, objective, max_seq_len, shard_size, num_workers, seed, short_seq_prob, overwrite
-        )
-        print(format_summary(summary, objective, output_dir))
-
     # `--input a.txt b.txt` (a glob the shell expanded) as one comma-separated --input
-    run_tool(run, join_input_arguments(sys.argv[1:] if argv is None else argv), "prepare_train_data.py")
+    summary = run_tool(prepare_train_data, join_input_arguments(sys.argv[1:] if argv is None else argv),
+                       "prepare_train_data.py")
+    print(format_summary(summary))
