@@ -235,8 +235,9 @@ def test_user_mistakes_name_the_option(tmp_path, tokenizer_dir):
     with pytest.raises(UserError, match=r"--input nothing/\*\.txt: no such file"):
         prepare_train_data("nothing/*.txt", tokenizer_dir, str(tmp_path / "out"), "mlm", 32)
     with pytest.raises(UserError, match="--objective must be one of mlm, sop, clm") as info:
-        prepare_train_data(str(tmp_path / "a.txt"), tokenizer_dir, str(tmp_path / "out"), "nsp", 32, shard_size=0)
-    assert "--shard_size" in str(info.value)  # every problem at once
+        prepare_train_data(str(tmp_path / "a.txt"), tokenizer_dir, str(tmp_path / "out"), "nsp", 32, shard_size=0,
+                           chunk_bytes=-1)
+    assert "--shard_size" in str(info.value) and "--chunk_bytes" in str(info.value)  # every problem at once
     with pytest.raises(UserError, match="--max_seq_len must be an integer >= 5 for sop"):
         prepare_train_data(str(tmp_path / "a.txt"), tokenizer_dir, str(tmp_path / "out"), "sop", 4)
     with pytest.raises(UserError, match="does not exist"):

@@ -243,7 +243,8 @@ def _start_pool(workers: int, init_args: tuple):
     return multiprocessing.get_context(method).Pool(workers, initializer=_init_worker, initargs=init_args)
 
 
-def _check_options(objective: str, max_seq_len: int, shard_size: int, num_workers: int | None, short_seq_prob: float) -> None:
+def _check_options(objective: str, max_seq_len: int, shard_size: int, num_workers: int | None, short_seq_prob: float,
+                   chunk_bytes: int) -> None:
     problems = []
     if objective not in OBJECTIVES:
         problems.append(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
@@ -255,6 +256,8 @@ def _check_options(objective: str, max_seq_len: int, shard_size: int, num_worker
         problems.append(f"--num_workers must be >= 0 (0 or 1: tokenize in this process), got {num_workers!r}")
     if not 0.0 <= short_seq_prob <= 1.0:
         problems.append(f"--short_seq_prob must be within [0, 1], got {short_seq_prob!r}")
+    if not isinstance(chunk_bytes, int) or chunk_bytes < 1:
+        problems.append(f"--chunk_bytes must be a positive number of bytes, got {chunk_bytes!r}")
     if problems:
         raise UserError("; ".join(problems))
 
@@ -307,10 +310,10 @@ def prepare_train_data(
     from convmodel.tokenization import load_tokenizer, require_text
 
     tokenizer, output_dir = str(tokenizer), str(output_dir)  # fire reads `--output_dir 2024` as an int
-    _check_options(objective, max_seq_len, shard_size, num_workers, short_seq_prob)
+    _check_options(objective, max_seq_len, shard_size, num_workers, short_seq_prob, chunk_bytes)
     files = expand_file_patterns("--input", input)
     existing = _existing_outputs(output_dir, overwrite)
-    loaded = load_tokenizer(tokenizer)  # a bad tokenizer or an empty input fails here, before any change
+    loaded = load_tokenizer(tokenizer)  # a bad tokenizer, then an input without text, fail before any change
     special = special_ids_of(loaded)
     special.require(NEEDED_SPECIALS, tokenizer)
     manifest = Manifest(objective, max_seq_len, tokenizer, special.vocab_size, tokenizer_fingerprint(tokenizer))
