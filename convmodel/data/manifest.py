@@ -29,8 +29,8 @@ from convmodel.errors import UserError
 
 MANIFEST = "manifest.json"
 FORMAT = 1
-# the files that define a tokenizer's ids, in the order they are hashed (missing ones are skipped)
-_TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json", "special_tokens_map.json")
+# sentencepiece model files hashed when a folder has no tokenizer.json (ours write spm.model)
+_SENTENCEPIECE_FILES = ("spm.model", "spiece.model")
 
 
 @dataclass
@@ -78,19 +78,32 @@ class Manifest:
 
 
 def tokenizer_fingerprint(tokenizer_path: str) -> str:
-    """sha256 over the files that define the tokenizer's ids: equal for copies of the same tokenizer."""
+    """sha256 of the tokenizer's pieces and special tokens: equal for copies of the same tokenizer.
+
+    Hashes what defines the ids (tokenizer.json's vocabulary and added tokens, read as JSON so a
+    re-saved copy with other formatting or metadata hashes the same), else the sentencepiece model file.
+    """
     digest = hashlib.sha256()
-    found = False
-    for name in _TOKENIZER_FILES:
+    tokenizer_json = os.path.join(tokenizer_path, "tokenizer.json")
+    if os.path.isfile(tokenizer_json):
+        try:
+            with open(tokenizer_json, encoding="utf-8") as f:
+                raw = json.load(f)
+            ids = {"vocab": raw["model"].get("vocab"),
+                   "added": sorted((t["id"], t["content"]) for t in raw.get("added_tokens", []))}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"{tokenizer_json} cannot be read as a tokenizer ({exc}); is {tokenizer_path} a "
+                            "tokenizer folder made by trainer/train_tokenizer.py?") from None
+        digest.update(json.dumps(ids, sort_keys=True).encode())
+        return "sha256:" + digest.hexdigest()
+    for name in _SENTENCEPIECE_FILES:
         path = os.path.join(tokenizer_path, name)
         if os.path.isfile(path):
-            found = True
-            digest.update(name.encode() + b"\0")
             with open(path, "rb") as f:
                 digest.update(f.read())
-    if not found:
-        raise UserError(f"{tokenizer_path}: no tokenizer.json or spiece.model to fingerprint; is it a tokenizer folder?")
-    return "sha256:" + digest.hexdigest()
+            return "sha256:" + digest.hexdigest()
+    raise UserError(f"{tokenizer_path}: no tokenizer.json or sentencepiece model to fingerprint; is it a tokenizer "
+                    "folder made by trainer/train_tokenizer.py?")
 
 
 def write_manifest(folder: str, manifest: Manifest) -> str:
