@@ -28,6 +28,7 @@ setup(
         "tensorboard>=2.14",
         "fire>=0.6",
         "tqdm",
+        "msgspec>=0.18",  # shard records decoded and checked in C (convmodel/data/record_decoding.py)
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "datasets>=2.19"],

@@ -1,7 +1,10 @@
 """JsonlDataModule: option checks, batches per objective, epochs through a real Lightning Trainer."""
 
+import glob
 import inspect
+import os
 import random
+import shutil
 from collections import Counter
 
 import pytest
@@ -10,6 +13,7 @@ import torch
 
 from convmodel.data import JsonlDataModule
 from convmodel.data.prepare import prepare_train_data
+from convmodel.data.shard_checks import SplitShards, check_enough
 from convmodel.errors import UserError
 from convmodel.tokenization import train_tokenizer
 
@@ -18,7 +22,7 @@ SYLLABLES = ["ka", "to", "mi", "ra", "ne", "su", "lo", "pe", "di", "ga", "vo", "
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """A tokenizer and shards for each objective: {"tokenizer": dir, "mlm": dir, "sop": dir, "clm": dir}."""
+    """Two tokenizers and shards for each objective: {"tokenizer": dir, "other_tokenizer": dir, "mlm": dir, ...}."""
     root = tmp_path_factory.mktemp("data")
     rng = random.Random(0)
     words = ["".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 4))) for _ in range(300)]
@@ -27,7 +31,8 @@ def corpus(tmp_path_factory):
         for _ in range(60)
     ]
     (root / "text.txt").write_text("\n\n".join("\n".join(d) for d in docs) + "\n", encoding="utf-8")
-    paths = {"tokenizer": train_tokenizer(str(root / "text.txt"), str(root / "tokenizer"), vocab_size=400)}
+    paths = {"tokenizer": train_tokenizer(str(root / "text.txt"), str(root / "tokenizer"), vocab_size=400),
+             "other_tokenizer": train_tokenizer(str(root / "text.txt"), str(root / "other"), vocab_size=420)}
     for objective in ("mlm", "sop", "clm"):
         out = root / objective
         prepare_train_data(
@@ -44,7 +49,6 @@ def unmasked(batch: dict) -> list[tuple[int, ...]]:
 
 
 def read_shards(directory: str) -> list[tuple[int, ...]]:
-    import glob
     import json
 
     return [tuple(json.loads(line)["input_ids"]) for p in sorted(glob.glob(f"{directory}/*.jsonl")) for line in open(p)]
@@ -103,11 +107,82 @@ def test_batches_for_each_objective(corpus, objective):
         assert batch["sentence_order_label"].shape == (4,)
 
 
-def test_shards_of_another_objective_are_reported(corpus):
+def test_shards_of_another_objective_are_reported(corpus, tmp_path):
+    # with manifest.json: at setup, naming the option
     data = JsonlDataModule(corpus["tokenizer"], train_files=corpus["mlm"] + "/*.jsonl", objective="sop")
-    data.setup("fit")
+    with pytest.raises(UserError, match=r"data.train_files: .*mlm holds shards made for objective 'mlm' .*"
+                                        r"set data.objective: mlm, or .*--objective sop"):
+        data.setup("fit")
+    # without: at the first record, still at setup (its first records are read to measure cutting)
+    for shard in glob.glob(corpus["mlm"] + "/*.jsonl"):
+        shutil.copy(shard, tmp_path)
+    data = JsonlDataModule(corpus["tokenizer"], train_files=str(tmp_path / "*.jsonl"), objective="sop")
     with pytest.raises(UserError, match=r"part-00000.jsonl:1: record has no 'token_type_ids'"):
-        next(iter(data.train_dataloader()))
+        data.setup("fit")
+
+
+def test_shards_of_another_tokenizer_are_refused(corpus):
+    data = JsonlDataModule(corpus["other_tokenizer"], train_files=corpus["mlm"] + "/*.jsonl")
+    with pytest.raises(UserError, match=r"made with another tokenizer .*than data.tokenizer .*set data.tokenizer"):
+        data.setup("fit")
+
+
+def test_counts_come_from_the_manifest_or_one_counting_pass(corpus, tmp_path, capsys):
+    shards = corpus["mlm"] + "/*.jsonl"
+    with_manifest = JsonlDataModule(corpus["tokenizer"], train_files=shards, max_seq_len=32)
+    with_manifest.setup("fit")
+    assert "counting records" not in capsys.readouterr().err
+    expected = [len(open(p).readlines()) for p in sorted(glob.glob(shards))]
+    assert with_manifest._split_shards("train").counts == expected
+
+    for shard in sorted(glob.glob(shards)):
+        shutil.copy(shard, tmp_path)
+    shutil.copy(os.path.join(corpus["mlm"], "manifest.json"), tmp_path)
+    with open(tmp_path / "part-00000.jsonl", "a") as f:  # changed after the manifest was written
+        f.write(open(tmp_path / "part-00000.jsonl").readline())
+    counted = JsonlDataModule(corpus["tokenizer"], train_files=str(tmp_path / "*.jsonl"), max_seq_len=32)
+    counted.setup("fit")
+    err = capsys.readouterr().err
+    assert err.count(f"[convmodel] counting records in {len(expected)} shards (no manifest.json) for data.train_files") == 1
+    assert counted._split_shards("train").counts == [expected[0] + 1, *expected[1:]]
+
+
+def test_cutting_mlm_records_reports_the_share_dropped(corpus, capsys):
+    data = JsonlDataModule(corpus["tokenizer"], train_files=corpus["mlm"] + "/*.jsonl", max_seq_len=16)
+    data.setup("fit")
+    records = read_shards(corpus["mlm"])
+    dropped = sum(max(0, len(r) - 16) for r in records) / sum(len(r) for r in records)
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "cuts records" in line]
+    assert line.startswith("[convmodel] warning: data.train_files: data.max_seq_len=16 cuts records of shards made "
+                           f"for max_seq_len 32: {100 * dropped:.1f}% of the tokens of the first {len(records)} records")
+    batch = next(iter(data.train_dataloader()))
+    assert batch["input_ids"].shape[1] == 16 and (batch["input_ids"][:, -1] == data.tokenizer.sep_token_id).all()
+
+
+def test_long_sop_shards_are_cut_into_both_segments(corpus):
+    data = JsonlDataModule(corpus["tokenizer"], train_files=corpus["sop"] + "/*.jsonl", objective="sop", max_seq_len=12,
+                           batch_size=64, shuffle_buffer_size=0)
+    data.setup("fit")
+    for batch in data.train_dataloader():
+        types, mask = batch["token_type_ids"], batch["attention_mask"].bool()
+        assert batch["input_ids"].shape[1] <= 12
+        assert ((types == 0) & mask).sum(1).min() >= 3 and ((types == 1) & mask).sum(1).min() >= 2  # [CLS] a [SEP], b [SEP]
+
+
+def test_a_split_without_records_is_an_error_before_training(corpus, tmp_path):
+    (tmp_path / "part-00000.jsonl").write_text("")
+    data = JsonlDataModule(corpus["tokenizer"], train_files=corpus["mlm"] + "/*.jsonl", val_files=str(tmp_path / "*.jsonl"))
+    with pytest.raises(UserError, match=r"data.val_files: the shards hold no record \(.*part-00000.jsonl\)"):
+        data.setup("fit")
+
+
+def test_fewer_records_than_a_batch_per_reader_is_an_error_across_devices(tmp_path):
+    shards = SplitShards("data.train_files", ["a.jsonl", "b.jsonl"], [10, 5], None)
+    check_enough(shards, batch_size=4, readers=3, equal_counts=False)  # one device: short batches are fine
+    check_enough(shards, batch_size=5, readers=3, equal_counts=True)
+    with pytest.raises(UserError, match=r"data.train_files: 15 records are fewer than one batch for each of the 4 "
+                                        r"readers .*data.batch_size=4 \(a.jsonl, b.jsonl\)"):
+        check_enough(shards, batch_size=4, readers=4, equal_counts=True)
 
 
 class Recorder(pl.LightningModule):

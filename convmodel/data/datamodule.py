@@ -1,6 +1,12 @@
-"""LightningDataModule over JSONL shards: streaming readers, shuffle buffer, objective's collator."""
+"""LightningDataModule over JSONL shards: streaming readers, shuffle buffer, objective's collator.
+
+Its state_dict (saved by Lightning in every checkpoint) is the training stream's position, so
+`--ckpt_path last` continues the epoch where it stopped, with the same batches and masks as an
+uninterrupted run (see convmodel.data.train_position).
+"""
 
 import glob
+import math
 import os
 from collections.abc import Callable
 from typing import Literal
@@ -12,6 +18,8 @@ from torch.utils.data import DataLoader
 from convmodel.data.collators import build_collator
 from convmodel.data.jsonl_stream import JsonlStream
 from convmodel.data.prepare import MIN_SEQ_LEN, OBJECTIVES
+from convmodel.data.shard_checks import SplitShards, check_enough, report_cut_share, split_shards
+from convmodel.data.train_position import FORMAT, TrainPosition, mismatches
 from convmodel.data.unigram_baseline import DEFAULT_MAX_TRAIN_TOKENS, unigram_baseline
 from convmodel.errors import UserError
 
@@ -21,18 +29,35 @@ class EpochDataLoader(DataLoader):
 
     `set_epoch` runs in the main process when the iterator is created; with
     persistent_workers=False the workers start afterwards and see the new value.
+    `start_fn` (the training loader's) gives (epoch, batches to leave out) for the pass that
+    starts, and `on_batch` hears of every batch handed out.
     """
 
-    def __init__(self, dataset, *args, epoch_fn: Callable[[], int] | None = None, **kwargs):
+    def __init__(self, dataset, *args, epoch_fn: Callable[[], int] | None = None,
+                 start_fn: Callable[[], tuple[int, int]] | None = None, on_batch: Callable[[], None] | None = None,
+                 **kwargs):
         super().__init__(dataset, *args, **kwargs)
         self.epoch_fn = epoch_fn
+        self.start_fn = start_fn
+        self.on_batch = on_batch
 
     def __iter__(self):
-        epoch = self.epoch_fn() if self.epoch_fn is not None else 0
+        if self.start_fn is not None:
+            epoch, skip = self.start_fn()
+        else:
+            epoch, skip = (self.epoch_fn() if self.epoch_fn is not None else 0), 0
         self.dataset.set_epoch(epoch)
+        if skip:
+            self.dataset.resume_after(skip, self.batch_size, self.num_workers)
         if hasattr(self.collate_fn, "set_epoch"):
             self.collate_fn.set_epoch(epoch)
-        return super().__iter__()
+        batches = super().__iter__()
+        return batches if self.on_batch is None else self._counted(batches)
+
+    def _counted(self, batches):
+        for batch in batches:
+            self.on_batch()
+            yield batch
 
 
 def expand_files(option: str, patterns: str | list[str]) -> list[str]:
@@ -66,10 +91,10 @@ class JsonlDataModule(pl.LightningDataModule):
         whole_word_mask: mlm/sop: mask whole words (all pieces of a word together) instead of single pieces.
         mlm_probability: mlm/sop: share of tokens (or words) chosen for prediction.
         batch_size: samples per batch on each device.
-        max_seq_len: longer records are cut to this many tokens.
+        max_seq_len: longer records are cut to this many tokens (sop: around the A|B junction); the share dropped is reported.
         num_workers: DataLoader worker processes per device (0 reads in the training process).
-        shuffle_buffer_size: training samples held for shuffling per worker (0 or 1: file order).
-        seed: seeds the shuffle and the masks.
+        shuffle_buffer_size: training samples held for shuffling per worker (0 or 1: none; shard order is still drawn per epoch).
+        seed: seeds the shard order, the shuffle and the masks.
         baseline_train_tokens: training tokens counted for val/unigram_baseline, the frequency-only val/loss (0: off).
     """
 
@@ -107,8 +132,12 @@ class JsonlDataModule(pl.LightningDataModule):
         self._check_options()
         self._tokenizer = None
         self._files: dict[str, list[str]] = {}
+        self._shards: dict[str, SplitShards] = {}
         self._baseline: float | None = None
         self._baseline_done = False
+        self._position = TrainPosition()
+        self._saved_layout: dict = {}
+        self._train_stream: JsonlStream | None = None
 
     def _check_options(self) -> None:
         """All problems with the options at once, each naming its data.* key."""
@@ -157,7 +186,12 @@ class JsonlDataModule(pl.LightningDataModule):
         return self._tokenizer
 
     def setup(self, stage: str | None = None) -> None:
-        """Expand the file options needed by `stage` (UserError naming the option) and load the tokenizer."""
+        """Check the splits `stage` needs before it starts: files, manifests, record counts, tokenizer.
+
+        UserError naming the option for a pattern matching nothing, shards made for another
+        objective or tokenizer, a split without records (or, across devices, with fewer than a
+        batch per reader); one warning line when max_seq_len cuts tokens off.
+        """
         needed = {
             "fit": ["train", "val"],
             "validate": ["val"],
@@ -176,7 +210,23 @@ class JsonlDataModule(pl.LightningDataModule):
             if patterns is not None and split not in self._files:
                 self._files[split] = expand_files(f"data.{split}_files", patterns)
         _ = self.tokenizer  # load now, so a bad tokenizer fails before training starts
+        for split in needed:
+            if getattr(self, f"{split}_files") is not None:
+                self._split_shards(split)
 
+    def _split_shards(self, split: str) -> SplitShards:
+        """The split's counts and checks, done once (see setup)."""
+        if split not in self._shards:
+            quiet = self.trainer is not None and self.trainer.global_rank != 0
+            shards = split_shards(f"data.{split}_files", self._split_files(split), self.objective,
+                                  self.tokenizer_path, self.max_seq_len, quiet=quiet)
+            train = split == "train"
+            world = self.trainer.world_size if self.trainer is not None else 1
+            check_enough(shards, self.batch_size, world * max(self.num_workers, 1), equal_counts=train and world > 1)
+            reader = self._stream(shards.files, shards.counts, max_seq_len=None, rank=0, world_size=1)
+            report_cut_share(shards, reader, self.max_seq_len, quiet=quiet)
+            self._shards[split] = shards
+        return self._shards[split]
     def _rank_and_world(self) -> tuple[int | None, int | None]:
         """From the attached Trainer (None lets the stream ask torch.distributed)."""
         if self.trainer is None:
@@ -198,21 +248,30 @@ class JsonlDataModule(pl.LightningDataModule):
         """The id a cut record keeps last: mlm/sop records keep their closing [SEP]."""
         return None if self.objective == "clm" else self.tokenizer.sep_token_id
 
-    def _dataset(self, split: str, shuffle: bool) -> JsonlStream:
-        files = self._split_files(split)
-        rank, world = self._rank_and_world()
+    def _stream(self, files: list[str], counts: list[int], **options) -> JsonlStream:
         return JsonlStream(
             files,
-            max_seq_len=self.max_seq_len,
-            shuffle_buffer_size=self.shuffle_buffer_size if shuffle else 0,
             seed=self.seed,
-            rank=rank,
-            world_size=world,
             required_fields=("input_ids", "token_type_ids", "sentence_order_label")
             if self.objective == "sop"
             else ("input_ids",),
             end_token_id=self._end_token_id(),
             vocab_size=len(self.tokenizer),
+            counts=counts,
+            **options,
+        )
+
+    def _dataset(self, split: str, shuffle: bool) -> JsonlStream:
+        shards = self._split_shards(split)
+        rank, world = self._rank_and_world()
+        return self._stream(
+            shards.files,
+            shards.counts,
+            max_seq_len=self.max_seq_len,
+            shuffle_buffer_size=self.shuffle_buffer_size if shuffle else 0,
+            shuffle_shards=shuffle,
+            rank=rank,
+            world_size=world,
             # DDP ranks must take the same number of training steps, or the last all-reduce hangs
             drop_remainder=shuffle and (world or 1) > 1,
         )
@@ -272,14 +331,18 @@ class JsonlDataModule(pl.LightningDataModule):
             deterministic=not train,
         )
         on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        dataset = self._dataset(split, shuffle=train)
+        if train:
+            self._train_stream = dataset
         return EpochDataLoader(
-            self._dataset(split, shuffle=train),
+            dataset,
             batch_size=self.batch_size,
             collate_fn=collator,
             num_workers=self.num_workers,
             pin_memory=on_gpu and torch.cuda.is_available(),
             persistent_workers=False,
-            epoch_fn=self._current_epoch if train else None,
+            start_fn=self._begin_pass if train else None,
+            on_batch=self._count_batch if train else None,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -292,3 +355,57 @@ class JsonlDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", train=False)
+
+    # ---- exact resume ----------------------------------------------------------------------
+
+    def _trainer_processed(self) -> int | None:
+        """The Trainer's total of processed training batches (None without a Trainer)."""
+        if self.trainer is None:
+            return None
+        return self.trainer.fit_loop.epoch_loop.batch_progress.total.processed
+
+    def _batches_per_pass(self) -> int:
+        """Training batches this rank takes in one pass over the shards."""
+        sizes = self._train_stream.rank_readers(max(self.num_workers, 1))
+        return sum(math.ceil(n / self.batch_size) for n in sizes)
+
+    def _begin_pass(self) -> tuple[int, int]:
+        pending = self._position.pending
+        if pending is not None and pending[1]:
+            differences = mismatches(self._saved_layout, self._layout())
+            if differences:
+                raise UserError(
+                    f"cannot continue the checkpoint's epoch {pending[0]} after its {pending[1]} batches with other "
+                    f"data options: {'; '.join(differences)}. Set them back to resume exactly, or resume from a "
+                    "checkpoint saved at the end of an epoch"
+                )
+        return self._position.begin_pass(self._current_epoch(), self._batches_per_pass, self._trainer_processed())
+
+    def _count_batch(self) -> None:
+        self._position.yielded += 1
+
+    def _layout(self) -> dict:
+        """What a mid-epoch position depends on besides the files' content (see train_position.LAYOUT)."""
+        return {"batch_size": self.batch_size, "num_workers": self.num_workers,
+                "world_size": self.trainer.world_size if self.trainer is not None else 1, "seed": self.seed,
+                "shuffle_buffer_size": self.shuffle_buffer_size, "records": sum(self._split_shards("train").counts)}
+
+    def state_dict(self) -> dict:
+        """Where training stands in the data: saved by Lightning in every checkpoint."""
+        position = self._position
+        if position.started:
+            epoch, batches = position.epoch, position.consumed(self._trainer_processed())
+        else:
+            epoch, batches = position.pending or (self._current_epoch(), 0)
+        state = {"format": FORMAT, "epoch": epoch, "batches": batches}
+        if self.train_files is not None and batches:
+            state.update(self._layout())
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Continue at the saved position when the training stream next starts (see _begin_pass)."""
+        if state_dict.get("format") != FORMAT:
+            return  # a checkpoint from before positions were saved: the epoch starts over, as it did then
+        self._position = TrainPosition()
+        self._position.pending = (int(state_dict["epoch"]), int(state_dict["batches"]))
+        self._saved_layout = state_dict
