@@ -143,7 +143,8 @@ def test_counts_come_from_the_manifest_or_one_counting_pass(corpus, tmp_path, ca
     counted = JsonlDataModule(corpus["tokenizer"], train_files=str(tmp_path / "*.jsonl"), max_seq_len=32)
     counted.setup("fit")
     err = capsys.readouterr().err
-    assert err.count(f"[convmodel] counting records in {len(expected)} shards (no manifest.json) for data.train_files") == 1
+    # only the changed shard is read; the manifest still vouches for the others
+    assert err.count("[convmodel] counting records in 1 shard (no manifest.json) for data.train_files") == 1
     assert counted._split_shards("train").counts == [expected[0] + 1, *expected[1:]]
 
 

@@ -5,7 +5,6 @@ training (or, worse, nothing at all: a run on shards made for another objective 
 trains on garbage). Every check names the data.* option that fixes it.
 """
 
-import os
 import sys
 from dataclasses import dataclass
 from itertools import islice
@@ -24,7 +23,7 @@ class SplitShards:
     option: str  # e.g. data.train_files
     files: list[str]
     counts: list[int]
-    longest_made_for: int | None  # the largest max_seq_len a manifest names; None: some shard has none
+    longest_made_for: int | None  # the largest max_seq_len the manifests name; None: a shard has no entry
 
 
 def say(message: str, quiet: bool) -> None:
@@ -34,14 +33,17 @@ def say(message: str, quiet: bool) -> None:
 
 def split_shards(option: str, files: list[str], objective: str, tokenizer: str, max_seq_len: int,
                  quiet: bool = False) -> SplitShards:
-    """Counts from manifest.json (or by reading, with one progress line), after the manifests' checks."""
+    """Counts from manifest.json, by reading the shards it does not vouch for (one progress line), after its checks."""
     counts, manifests = manifest_counts(files)
     check_manifests(option, manifests, objective, tokenizer)
-    if counts is None:
-        say(f"counting records in {len(files)} shards (no manifest.json) for {option} ...", quiet)
-        counts = [count_records(path) for path in files]
-    covered = all(os.path.dirname(os.path.abspath(p)) in manifests for p in files)
-    longest = max(m.max_seq_len for m in manifests.values()) if covered and manifests else None
+    missing = [k for k, count in enumerate(counts) if count is None]
+    if missing:
+        say(f"counting records in {len(missing)} shard{'s' * (len(missing) != 1)} (no manifest.json) for {option} ...",
+            quiet)
+        for k in missing:
+            counts[k] = count_records(files[k])
+    vouched = not missing and manifests
+    longest = max(m.max_seq_len for m in manifests.values()) if vouched else None
     return SplitShards(option, files, counts, longest)
 
 

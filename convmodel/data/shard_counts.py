@@ -49,19 +49,17 @@ def count_records(path: str) -> int:
     return count
 
 
-def manifest_counts(files: Sequence[str]) -> tuple[list[int] | None, dict[str, Manifest]]:
-    """(counts from manifests, or None when one file has no matching entry; {folder: its manifest})."""
+def manifest_counts(files: Sequence[str]) -> tuple[list[int | None], dict[str, Manifest]]:
+    """(each file's count from its folder's manifest, None where it has no matching entry; {folder: manifest})."""
     manifests: dict[str, Manifest] = {}
     for folder in dict.fromkeys(os.path.dirname(os.path.abspath(p)) for p in files):
         manifest = read_manifest(folder)
         if manifest is not None:
             manifests[folder] = manifest
-    counts = []
+    counts: list[int | None] = []
     for path in files:
         manifest = manifests.get(os.path.dirname(os.path.abspath(path)))
         entry = None if manifest is None else next(
             (s for s in manifest.shards if s.file == os.path.basename(path)), None)
-        if entry is None or entry.bytes != os.path.getsize(path):
-            return None, manifests
-        counts.append(entry.records)
+        counts.append(entry.records if entry is not None and entry.bytes == os.path.getsize(path) else None)
     return counts, manifests
