@@ -158,3 +158,16 @@ def test_cli_resume_mid_epoch_trains_as_the_uninterrupted_run(workspace, tmp_pat
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5)
+
+
+def test_cli_resume_mid_epoch_with_other_workers_is_one_error(workspace, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    run_cli(tiny_bert_args(workspace, 2))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main([*tiny_bert_args(workspace, 4), "--data.num_workers", "0", "--ckpt_path", "last"])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert exit_info.value.code == 2 and "Traceback" not in err and len(errors) == 1, err[-2000:]
+    assert "cannot continue the checkpoint's epoch 0 after its 2 batches" in errors[0]
+    assert "data.num_workers was 2, now 0" in errors[0]

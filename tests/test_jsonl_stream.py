@@ -215,7 +215,11 @@ def test_counting_finds_every_line_across_blocks(tmp_path, monkeypatch):
         count_records(str(path))
 
 
-def test_given_counts_read_the_same_as_counted(tmp_path):
+@pytest.mark.parametrize("block", [1 << 20, 7])
+def test_given_counts_read_the_same_as_counted(tmp_path, monkeypatch, block):
+    import convmodel.data.jsonl_stream as jsonl_stream
+
+    monkeypatch.setattr(jsonl_stream, "BLOCK", block)  # 7: a reader's first line is found across blocks
     files = write_shards(tmp_path, (9, 0, 4, 13, 2))
     for readers in (1, 3, 7):
         for reader in range(readers):
