@@ -8,7 +8,6 @@ uninterrupted run (see convmodel.data.train_position).
 import glob
 import math
 import os
-from collections.abc import Callable
 from typing import Literal
 
 import pytorch_lightning as pl
@@ -16,48 +15,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from convmodel.data.collators import build_collator
+from convmodel.data.epoch_loader import EpochDataLoader
 from convmodel.data.jsonl_stream import JsonlStream
 from convmodel.data.prepare import MIN_SEQ_LEN, OBJECTIVES
 from convmodel.data.shard_checks import SplitShards, check_enough, report_cut_share, split_shards
 from convmodel.data.train_position import FORMAT, TrainPosition, mismatches
 from convmodel.data.unigram_baseline import DEFAULT_MAX_TRAIN_TOKENS, unigram_baseline
 from convmodel.errors import UserError
-
-
-class EpochDataLoader(DataLoader):
-    """A DataLoader that tells its dataset and collator the epoch before each pass.
-
-    `set_epoch` runs in the main process when the iterator is created; with
-    persistent_workers=False the workers start afterwards and see the new value.
-    `start_fn` (the training loader's) gives (epoch, batches to leave out) for the pass that
-    starts, and `on_batch` hears of every batch handed out.
-    """
-
-    def __init__(self, dataset, *args, epoch_fn: Callable[[], int] | None = None,
-                 start_fn: Callable[[], tuple[int, int]] | None = None, on_batch: Callable[[], None] | None = None,
-                 **kwargs):
-        super().__init__(dataset, *args, **kwargs)
-        self.epoch_fn = epoch_fn
-        self.start_fn = start_fn
-        self.on_batch = on_batch
-
-    def __iter__(self):
-        if self.start_fn is not None:
-            epoch, skip = self.start_fn()
-        else:
-            epoch, skip = (self.epoch_fn() if self.epoch_fn is not None else 0), 0
-        self.dataset.set_epoch(epoch)
-        if skip:
-            self.dataset.resume_after(skip, self.batch_size, self.num_workers)
-        if hasattr(self.collate_fn, "set_epoch"):
-            self.collate_fn.set_epoch(epoch)
-        batches = super().__iter__()
-        return batches if self.on_batch is None else self._counted(batches)
-
-    def _counted(self, batches):
-        for batch in batches:
-            self.on_batch()
-            yield batch
 
 
 def expand_files(option: str, patterns: str | list[str]) -> list[str]:
@@ -227,6 +191,7 @@ class JsonlDataModule(pl.LightningDataModule):
             report_cut_share(shards, reader, self.max_seq_len, quiet=quiet)
             self._shards[split] = shards
         return self._shards[split]
+
     def _rank_and_world(self) -> tuple[int | None, int | None]:
         """From the attached Trainer (None lets the stream ask torch.distributed)."""
         if self.trainer is None:
