@@ -3,6 +3,7 @@
 import json
 import random
 from collections import Counter
+from itertools import islice
 
 import pytest
 from torch.utils.data import DataLoader
@@ -281,3 +282,16 @@ def test_bad_sop_fields_name_file_and_line(tmp_path, record, message):
     path.write_text(json.dumps(sop_record([5], [6], 1)) + "\n" + json.dumps(record) + "\n")
     with pytest.raises(UserError, match=f"part-00000.jsonl:2: {message}"):
         list(JsonlStream([str(path)], required_fields=SOP, vocab_size=50))
+
+
+def test_word_ids_pass_through_and_are_cut_with_the_ids(tmp_path):
+    path = tmp_path / "part-00000.jsonl"
+    records = [{"input_ids": [2, 10, 11, 12, 13, 3], "word_ids": [None, 0, 0, 1, 2, None]},
+               {"input_ids": [2, 10, 3]},
+               {"input_ids": [2, 10, 3], "word_ids": [None, 0]}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    first, second = islice(JsonlStream([str(path)], max_seq_len=4, end_token_id=3), 2)
+    assert first["input_ids"] == [2, 10, 11, 3] and first["word_ids"] == [None, 0, 0, None]
+    assert "word_ids" not in second
+    with pytest.raises(UserError, match=r"part-00000.jsonl:3: word_ids must hold one word number \(or null\) per"):
+        list(JsonlStream([str(path)]))

@@ -8,6 +8,9 @@ Python check of every token, and 5.3 µs for orjson with the same checks in Pyth
 plain-json check below, which finds what is wrong and names file:line; a bad record ends
 training, so that path's speed does not matter. Without msgspec every line takes that path.
 
+A record's optional `word_ids` (one word number or null per input id, read by the collator's
+whole-word masking) is kept and cut with the ids; other extra fields are left out.
+
 Cutting a record longer than max_seq_len:
 - mlm/clm: the tail goes (mlm keeps its closing [SEP]); the DataModule reports the share of
   tokens this drops, once, before training.
@@ -29,6 +32,9 @@ except ImportError:  # pragma: no cover - msgspec is in install_requires; plain 
 
 FIX = "re-run trainer/prepare_train_data.py to rewrite this shard, or remove it from the file list"
 PAIR_FIELDS = ("token_type_ids", "sentence_order_label")
+# kept when a record has it (the collator's whole-word masking reads it); one entry per input id
+WORD_IDS = "word_ids"
+TOKEN_FIELDS = ("input_ids", "token_type_ids", WORD_IDS)  # cut together
 
 
 @lru_cache(maxsize=8)
@@ -47,7 +53,10 @@ def fast_decoder(fields: tuple[str, ...], vocab_size: int | None):
         "sentence_order_label": bit,
     }
     struct = msgspec.defstruct(
-        "Record", [("input_ids", types["input_ids"]), *((f, types.get(f, Any)) for f in fields)], gc=False
+        "Record",
+        [("input_ids", types["input_ids"]), *((f, types.get(f, Any)) for f in fields),
+         (WORD_IDS, list[int | None] | None, None)],
+        gc=False,
     )
     return msgspec.json.Decoder(struct)
 
@@ -80,9 +89,13 @@ class RecordDecoder:
             except (msgspec.ValidationError, msgspec.DecodeError):
                 pass
             else:
-                sample = {f: getattr(record, f) for f in self.fields}
-                if self.pair and len(sample["token_type_ids"]) != len(sample["input_ids"]):
-                    sample = None
+                ids, words = record.input_ids, record.word_ids
+                sample = {f: getattr(record, f) for f in self.fields} if len(self.fields) > 1 else {"input_ids": ids}
+                if words is not None:
+                    sample[WORD_IDS] = words
+                if (words is not None and len(words) != len(ids)) or (
+                        self.pair and len(sample["token_type_ids"]) != len(ids)):
+                    sample = None  # the reference check says what is wrong
         if sample is None:
             sample = self.reference_check(line, path, line_no)
         if self.max_seq_len is not None and len(sample["input_ids"]) > self.max_seq_len:
@@ -125,28 +138,38 @@ class RecordDecoder:
                 raise UserError(f"{where}: token_type_ids must hold one 0 or 1 per input id; {FIX}")
             if type(label) is not int or label not in (0, 1):
                 raise UserError(f"{where}: sentence_order_label must be 0 or 1, got {label!r}; {FIX}")
-        return {f: record[f] for f in self.fields}
+        sample = {f: record[f] for f in self.fields}
+        words = record.get(WORD_IDS)
+        if words is not None:
+            if not isinstance(words, list) or len(words) != len(ids) or any(
+                    w is not None and type(w) is not int for w in words):
+                raise UserError(f"{where}: word_ids must hold one word number (or null) per input id; {FIX}")
+            sample[WORD_IDS] = words
+        return sample
 
     def cut(self, sample: dict, path: str, line_no: int) -> None:
-        """Shorten a sample to max_seq_len in place (see the module docstring)."""
+        """Shorten a sample to max_seq_len in place, its per-token fields alike (see the module docstring)."""
         n, ids = self.max_seq_len, sample["input_ids"]
         if self.pair:
-            sample["input_ids"], sample["token_type_ids"] = cut_pair(ids, sample["token_type_ids"], n,
-                                                                     f"{path}:{line_no}")
+            keep = pair_positions(sample["token_type_ids"], n, f"{path}:{line_no}")
         elif self.end_token_id is not None and ids[-1] == self.end_token_id:
-            sample["input_ids"] = ids[: n - 1] + ids[-1:]
+            keep = [*range(n - 1), len(ids) - 1]
         else:
-            sample["input_ids"] = ids[:n]
+            keep = range(n)
+        for field in TOKEN_FIELDS:
+            if field in sample:
+                values = sample[field]
+                sample[field] = [values[i] for i in keep]
 
 
-def cut_pair(ids: list[int], types: list[int], n: int, where: str) -> tuple[list[int], list[int]]:
-    """`[CLS] A [SEP] B [SEP]` -> at most n tokens: A's tail and B's head, both non-empty.
+def pair_positions(types: list[int], n: int, where: str) -> list[int]:
+    """Positions `[CLS] A [SEP] B [SEP]` keeps in n tokens: A's tail and B's head, both non-empty.
 
     The tokens nearest the junction are where the order of A and B shows; the label stays true
     because A still comes before (or, swapped, after) B in the document.
     """
     junction = types.index(1) if 1 in types else len(types)  # first token of B
-    a, b = junction - 2, len(ids) - junction - 1  # content tokens of A and of B
+    a, b = junction - 2, len(types) - junction - 1  # content tokens of A and of B
     layout = a >= 1 and b >= 1 and not any(types[:junction]) and all(types[junction:])
     budget = n - 3
     if not layout or budget < 2:
@@ -158,6 +181,4 @@ def cut_pair(ids: list[int], types: list[int], n: int, where: str) -> tuple[list
         )
     keep_a = min(a, max(budget - b, (budget + 1) // 2))
     keep_b = budget - keep_a
-    new_ids = [ids[0], *ids[junction - 1 - keep_a: junction - 1], ids[junction - 1],
-               *ids[junction: junction + keep_b], ids[-1]]
-    return new_ids, [0] * (keep_a + 2) + [1] * (keep_b + 1)
+    return [0, *range(junction - 1 - keep_a, junction), *range(junction, junction + keep_b), len(types) - 1]
