@@ -62,7 +62,21 @@ def doc_tokens(tokenizer, docs: list[list[str]]) -> list[list[list[int]]]:
     return [tokenizer(doc, add_special_tokens=False)["input_ids"] for doc in docs]
 
 
-def test_mlm_fills_records_and_keeps_every_token_in_order(tmp_path, tokenizer_dir, tokenizer):
+def record_cuts_inside_sentences(records_content: list[list[int]], sentences: list[list[int]], budget: int) -> list[int]:
+    """Lengths of the sentences a record boundary falls inside (the stream positions of both must agree)."""
+    ends, position = set(), 0
+    for content in records_content[:-1]:
+        position += len(content)
+        ends.add(position)
+    cut, position = [], 0
+    for sentence in sentences:
+        if any(position < end < position + len(sentence) for end in ends):
+            cut.append(len(sentence))
+        position += len(sentence)
+    return cut
+
+
+def test_mlm_packs_whole_sentences_and_keeps_every_token_in_order(tmp_path, tokenizer_dir, tokenizer):
     docs = write_corpus(tmp_path / "a.txt", random.Random(1), 40, long_every=25)
     summary = prepare_train_data(
         str(tmp_path / "a.txt"), tokenizer_dir, str(tmp_path / "out"), "mlm", max_seq_len=48, shard_size=10, progress=False
@@ -78,10 +92,22 @@ def test_mlm_fills_records_and_keeps_every_token_in_order(tmp_path, tokenizer_di
         assert ids[0] == cls and ids[-1] == sep and cls not in ids[1:]
         assert ids[1] != sep and ids[-2] != sep  # a document separator never opens or closes a record
         content.extend(t for t in ids[1:-1] if t != sep)
-    # full records: one short only where a document separator would have closed it, and the last
-    assert all(len(r["input_ids"]) >= 47 for r in records[:-1])
-    expected = [t for doc in doc_tokens(tokenizer, docs) for sentence in doc for t in sentence]
-    assert content == expected  # nothing dropped (sentences are split across records, not lost), nothing reordered
+    sentences = [sentence for doc in doc_tokens(tokenizer, docs) for sentence in doc]
+    assert content == [t for sentence in sentences for t in sentence]  # nothing dropped, nothing reordered
+    # a record ends at a sentence end; only the sentences longer than a record (60 words) are cut
+    per_record = [[t for t in r["input_ids"][1:-1] if t != sep] for r in records]
+    cut = record_cuts_inside_sentences(per_record, sentences, 46)
+    assert cut and all(length > 46 for length in cut)
+    # and a record closes only when the sentence after it did not fit (a [SEP] may have been needed too)
+    starts, position = {}, 0
+    for sentence in sentences:
+        starts[position] = sentence
+        position += len(sentence)
+    position = 0
+    for record in per_record[:-1]:
+        position += len(record)
+        if position in starts:
+            assert len(record) + 1 + len(starts[position]) > 46
     assert summary.manifest.tokens == sum(len(r["input_ids"]) for r in records)
     # packing runs across document ends, with [SEP] between the documents
     assert any(sep in r["input_ids"][1:-1] for r in records)
@@ -105,26 +131,30 @@ def test_clm_records_are_the_token_stream_cut_at_max_seq_len(tmp_path, tokenizer
 
 @pytest.mark.parametrize("objective", ["mlm", "clm"])
 def test_packer_properties_on_random_documents(objective, tokenizer):
-    """Any documents, any length: records fit, are full but the last, and give the documents back."""
+    """Any documents, any length: records fit, clm's are full but the last, mlm's cut only over-long
+    sentences, and the records give the documents back."""
     special = special_ids_of(tokenizer)
     rng = random.Random(objective)
     for _ in range(300):
         max_seq_len = rng.randint(3, 20)
-        documents = [[rng.randint(10, 99) for _ in range(rng.choice([0, 1, 2, 5, 30]))] for _ in range(rng.randint(0, 8))]
+        documents = [[[rng.randint(10, 99) for _ in range(rng.choice([0, 1, 2, 5, 30]))]
+                      for _ in range(rng.randint(0, 4))] for _ in range(rng.randint(0, 8))]
         packer = DocumentPacker(objective, special, max_seq_len)
         records = [r for doc in documents for r in packer.add(doc)] + list(packer.finish())
-        real = [doc for doc in documents if doc]
+        real = [[s for s in doc if s] for doc in documents if any(doc)]
         if objective == "clm":
             assert [len(r) for r in records[:-1]] == [max_seq_len] * (len(records) - 1)
-            assert [t for r in records for t in r] == [t for doc in real for t in [*doc, special.eos]]
+            assert [t for r in records for t in r] == [t for doc in real for t in [*sum(doc, []), special.eos]]
             continue
         assert all(3 <= len(r) <= max_seq_len and r[0] == special.cls and r[-1] == special.sep for r in records)
         assert all(r[1] != special.sep and r[-2] != special.sep for r in records)
-        assert all(len(r) >= max_seq_len - 1 for r in records[:-1])
         inner = [t for r in records for t in r[1:-1]]
-        assert [t for t in inner if t != special.sep] == [t for doc in real for t in doc]
+        assert [t for t in inner if t != special.sep] == [t for doc in real for s in doc for t in s]
         # a separator for each document boundary that falls inside a record, never more
         assert inner.count(special.sep) <= max(len(real) - 1, 0)
+        per_record = [[t for t in r[1:-1] if t != special.sep] for r in records]
+        budget = max_seq_len - 2
+        assert all(length > budget for length in record_cuts_inside_sentences(per_record, sum(real, []), budget))
 
 
 def test_text_spelling_a_special_token_stays_text(tmp_path, tokenizer_dir, tokenizer):

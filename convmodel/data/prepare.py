@@ -52,7 +52,7 @@ class ChunkResult:
     """What a worker sends back: documents for the parent's packer (mlm, clm) or finished lines (sop)."""
 
     nbytes: int  # input bytes the chunk covered, for the progress bar
-    documents: list[list[int]] = field(default_factory=list)  # token ids per document, no specials
+    documents: list[list[list[int]]] = field(default_factory=list)  # sentences of token ids per document
     lines: list[str] = field(default_factory=list)  # JSON records
     line_tokens: list[int] = field(default_factory=list)  # len(input_ids) of each line
     swapped: int = 0  # sop records with sentence_order_label 1
@@ -180,7 +180,7 @@ def process_chunk(chunk: Chunk) -> ChunkResult:
     documents = tokenize_documents(w["tokenizer"], read_documents(chunk), w["special"])
     result = ChunkResult(nbytes=chunk.end - chunk.start)
     if w["objective"] != "sop":
-        result.documents = [[t for sentence in doc for t in sentence] for doc in documents]
+        result.documents = documents
         return result
     rng = random.Random(f"{w['seed']}/{chunk.index}")
     for record in sop_records(documents, w["special"], w["max_seq_len"], rng, w["short_seq_prob"]):

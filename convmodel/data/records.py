@@ -1,17 +1,18 @@
 """Token ids of documents -> training records, for mlm, clm and sop; pure functions, no files.
 
-mlm and clm (DocumentPacker): the documents form one token stream that is cut into records of
-exactly the budget, so a record is padded only at the very end of the input. Sentences are
-split across records where the room runs out: records full of text train on more tokens per
-step, and on the sample corpus packing whole sentences left 9.9% of a 128-token batch as
-padding (2.6% at 512). Documents share records, as in RoBERTa's FULL-SENTENCES (within noise
-of stopping at document ends, DOC-SENTENCES, and it wastes no positions on short documents):
+mlm and clm (DocumentPacker): the documents form one stream that fills records up to the budget,
+carried across chunks and files, so short documents share records and only a record's tail is
+padding. Documents share records (RoBERTa's FULL-SENTENCES):
 
-  mlm: [CLS] ... [SEP] per record; [SEP] also between two documents sharing a record. A
-       separator never opens or closes a record: where it would take a record's last free
-       position, that record ends one token short instead.
-  clm: EOS after each document, GPT-2 style; no [CLS]. Every record but the last holds exactly
-       max_seq_len tokens, and the records joined give the token stream back.
+  mlm: [CLS] whole sentences [SEP]; [SEP] also between two documents sharing a record. A
+       sentence that does not fit the room left starts the next record; only a sentence longer
+       than a whole record is cut. Cutting every sentence where the room runs out fills records
+       completely (padding 9.9% -> 0.04% at 128 tokens on the sample corpus) but cost the demo's
+       bert-tiny most of what it learns beyond token frequencies: at 1200 steps it ended 0.56
+       nats below val/unigram_baseline instead of 1.31, and 5.82 instead of 5.10 on the same
+       whole-sentence validation records (docs/benchmarks.md).
+  clm: EOS after each document, GPT-2 style; no [CLS]. The stream is cut exactly: every record
+       but the last holds max_seq_len tokens, and the records joined give the stream back.
 
 sop (sop_records): ALBERT sentence-order pairs [CLS] A [SEP] B [SEP], A and B consecutive spans
 of one document, swapped with p=0.5; a pair never crosses a document end, so these are not
@@ -25,7 +26,7 @@ from convmodel.special_ids import SpecialIds
 
 
 class DocumentPacker:
-    """Cuts documents (token ids without specials) into mlm or clm records, carrying the remainder.
+    """Cuts documents (lists of sentences of token ids, no specials) into mlm or clm records.
 
     The packer keeps the unfinished record between calls, so feeding the documents chunk by
     chunk in input order gives the same records as feeding them all at once, whatever the
@@ -34,44 +35,56 @@ class DocumentPacker:
 
     def __init__(self, objective: str, special: SpecialIds, max_seq_len: int):
         if objective == "mlm":
-            self.budget, self.separator, self.doc_end = max_seq_len - 2, special.sep, None
-            self.prefix, self.suffix = [special.cls], [special.sep]
+            self.budget, self.prefix, self.suffix = max_seq_len - 2, [special.cls], [special.sep]
         elif objective == "clm":
-            self.budget, self.separator, self.doc_end = max_seq_len, None, special.eos
-            self.prefix, self.suffix = [], []
+            self.budget, self.prefix, self.suffix = max_seq_len, [], []
         else:
             raise ValueError(f"DocumentPacker packs mlm or clm, not {objective!r}")
+        self.objective = objective
+        self.special = special
         self._current: list[int] = []
 
-    def add(self, document: Sequence[int]) -> Iterator[list[int]]:
+    def add(self, document: Sequence[Sequence[int]]) -> Iterator[list[int]]:
         """The records (input_ids) this document completes; an empty document adds nothing."""
-        if not document:
+        sentences = [list(sentence) for sentence in document if sentence]
+        if not sentences:
             return
-        current = self._current
-        if current and self.separator is not None:
-            if len(current) + 1 < self.budget:
-                current.append(self.separator)
-            else:  # the separator would close the record: end it one short
-                yield self._record(current)
-                current = self._current = []
-        tokens = list(document) if self.doc_end is None else [*document, self.doc_end]
+        if self.objective == "clm":
+            yield from self._add_stream([t for sentence in sentences for t in sentence] + [self.special.eos])
+        else:
+            yield from self._add_sentences(sentences)
+
+    def _add_stream(self, tokens: list[int]) -> Iterator[list[int]]:
         position = 0
         while position < len(tokens):
-            take = min(self.budget - len(current), len(tokens) - position)
-            current.extend(tokens[position : position + take])
+            take = min(self.budget - len(self._current), len(tokens) - position)
+            self._current.extend(tokens[position : position + take])
             position += take
-            if len(current) == self.budget:
-                yield self._record(current)
-                current = self._current = []
+            if len(self._current) == self.budget:
+                yield self._close()
+
+    def _add_sentences(self, sentences: list[list[int]]) -> Iterator[list[int]]:
+        for i, sentence in enumerate(sentences):
+            glue = [self.special.sep] if i == 0 and self._current else []  # between two documents
+            if len(self._current) + len(glue) + len(sentence) <= self.budget:
+                self._current.extend(glue + sentence)
+                continue
+            if self._current:
+                yield self._close()
+            while len(sentence) > self.budget:  # longer than a record: the only cut inside a sentence
+                self._current = sentence[: self.budget]
+                yield self._close()
+                sentence = sentence[self.budget :]
+            self._current = list(sentence)
 
     def finish(self) -> Iterator[list[int]]:
         """The last, shorter record, if any text is left over."""
         if self._current:
-            yield self._record(self._current)
-            self._current = []
+            yield self._close()
 
-    def _record(self, content: list[int]) -> list[int]:
-        return [*self.prefix, *content, *self.suffix]
+    def _close(self) -> list[int]:
+        record, self._current = [*self.prefix, *self._current, *self.suffix], []
+        return record
 
 
 def _split_pair(chunk: list[list[int]], rng: random.Random) -> tuple[list[int], list[int]] | None:
