@@ -71,7 +71,6 @@ class ConvmodelCLI(LightningCLI):
     def __init__(self, *args, **kwargs):
         self.argv = list(kwargs.get("args") or [])
         self._nothing_to_do = False
-        import convmodel.collaborative  # noqa: F401  (registers `trainer.strategy: hivemind`)
         from convmodel.data import JsonlDataModule
         from convmodel.models import PretrainingModule
 
@@ -196,13 +195,12 @@ class ConvmodelCLI(LightningCLI):
 def check_schedule(model, trainer, step: int, max_steps: int | None) -> None:
     """A linear schedule that ends before trainer.max_steps would train the remaining steps at lr 0.
 
-    Skipped where the strategy steps the schedule itself (HivemindStrategy counts collaborative
-    epochs, not local batches, so its total_steps is not comparable with max_steps).
+    Skipped where the strategy steps the schedule itself (`steps_schedule_itself`: HivemindStrategy
+    counts collaborative epochs, not local batches, so its total_steps is not comparable with
+    max_steps). Read as an attribute so that this command line never imports the swarm's code.
     """
-    from convmodel.collaborative import HivemindStrategy
-
-    if getattr(model, "schedule", None) != "linear" or max_steps is None or isinstance(trainer.strategy,
-                                                                                         HivemindStrategy):
+    if (getattr(model, "schedule", None) != "linear" or max_steps is None
+            or getattr(trainer.strategy, "steps_schedule_itself", False)):
         return
     total = model.total_steps or max_steps
     if total >= max_steps:

@@ -269,7 +269,7 @@ def test_non_finite_parameters_are_restored_from_the_backup(shards, tokenizer_di
     trainer.fit(model, datamodule=data)
     out, err = capsys.readouterr()
     assert poison.poisoned
-    assert strategy.skipped_steps >= 1 and strategy.restored_backups == 1, err
+    assert strategy.peer.guard.skipped_steps >= 1 and strategy.peer.guard.restored_backups == 1, err
     assert re.search(r"restoring the backup from epoch [12]\b", err), err
     assert "collaborative epoch 6 (" in out, out  # it went on to the end
     assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -1,7 +1,8 @@
 """Training in a hivemind swarm: `trainer.strategy: convmodel.collaborative.HivemindStrategy`.
 
-Importing this package registers the strategy as "hivemind" in Lightning's StrategyRegistry;
-hivemind itself is imported only when a peer starts.
+A config names the strategy by class_path, which imports this package; importing it also
+registers the strategy as "hivemind" in Lightning's StrategyRegistry (for code that builds a
+Trainer itself). hivemind itself is imported only when a peer starts.
 """
 
 from convmodel.collaborative.strategy import HivemindStrategy

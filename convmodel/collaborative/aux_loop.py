@@ -1,0 +1,216 @@
+"""The auxiliary peer's loop: refresh the monitor, store checkpoints, upload, until SIGINT/SIGTERM.
+
+It holds a SwarmPeer like a trainer, but never trains: without --assist_in_averaging only its
+DHT (and, with --store_checkpoints, a state averager to download and serve the swarm's state,
+held_state.py); with it, an auxiliary hivemind.Optimizer that joins the averaging rounds.
+"""
+
+import math
+import os
+import signal
+import sys
+import threading
+import time
+
+from convmodel.collaborative.held_state import SwarmState
+from convmodel.collaborative.optimizer_rebuild import module_optimizer
+from convmodel.collaborative.signals import StopOnSignal
+from convmodel.collaborative.swarm_options import SwarmOptions
+from convmodel.collaborative.swarm_peer import SwarmPeer
+from convmodel.errors import UserError, user_message
+
+EXPORT_FOLDER = "export"  # inside --store_checkpoints: the exported model that --push_to_hub uploads
+
+
+class AuxiliaryPeer:
+    """The loop: refresh the monitor, store checkpoints, upload, until SIGINT/SIGTERM."""
+
+    def __init__(self, module, trainer, datamodule, options, swarm_options: SwarmOptions):
+        from convmodel.collaborative.checkpoint_store import CheckpointStore
+
+        self.module, self.trainer, self.datamodule, self.options = module, trainer, datamodule, options
+        self.peer = SwarmPeer(swarm_options)
+        self.store = (CheckpointStore(options.store_checkpoints, options.keep_checkpoints)
+                      if options.store_checkpoints else None)
+        self.state: SwarmState | None = None
+        self.monitor = None
+        self.stored_epoch: int | None = None
+        self.uploaded_epoch: int | None = None
+        self.last_upload = -math.inf
+        self.swarm_epoch: int | None = None
+        self.swarm_loss: float | None = None
+        self.alive_peers = 0
+        self._tried_at_epoch: int | None = None
+        self.stop = threading.Event()
+        self._assist_stop = threading.Event()
+        self._assist_thread: threading.Thread | None = None
+        self._signals = StopOnSignal((signal.SIGINT, signal.SIGTERM), self._on_signal)
+
+    # ---- joining ------------------------------------------------------------------------------
+
+    def join(self) -> None:
+        """Start the DHT (printing the join address) and the state averager; load the stored checkpoint."""
+        from convmodel.collaborative.monitor import SwarmMonitor, monitor_validators
+
+        peer, options = self.peer, self.options
+        self.module.trainer = self.trainer  # configure_optimizers reads trainer.max_steps when total_steps is unset
+        optimizer, scheduler = module_optimizer(self.module)
+        validators = monitor_validators(peer.options.run_id)
+        if options.assist_in_averaging:
+            opt = peer.join(optimizer, scheduler, self.trainer.gradient_clip_val,
+                            str(self.trainer.gradient_clip_algorithm or "norm"), auxiliary=True,
+                            extra_validators=validators)
+            self.state = SwarmState(peer.options, opt.state_averager, opt)
+        else:
+            peer.start_dht(validators)
+            if self.store is not None:
+                self.state = SwarmState.download_only(peer, optimizer, scheduler)
+        self.monitor = SwarmMonitor(peer.dht, peer.options.run_id, options.logdir)
+        self._signals.install()  # after the DHT and averagers started: hivemind sets SIGINT to "ignore" first
+        if self.store is not None:
+            self._load_stored()
+        if self.state is not None:
+            self._download("joined")
+
+    def _load_stored(self) -> None:
+        from convmodel.collaborative.checkpoint_store import read_checkpoint
+
+        path = self.store.latest()
+        if self.store.removed_temp_files:
+            print(f"[convmodel] removed {len(self.store.removed_temp_files)} unfinished checkpoint file(s) from "
+                  f"{self.store.directory} (a write was interrupted)", flush=True)
+        if path is None:
+            return
+        checkpoint = read_checkpoint(path)
+        ours = checkpoint.get("convmodel", {}).get("collaborative", {})
+        if ours.get("run_id") not in (None, self.peer.options.run_id):
+            raise UserError(f"--store_checkpoints {self.store.directory} holds checkpoints of run "
+                            f"{ours['run_id']!r}, but the config's run_id is {self.peer.options.run_id!r}; give another "
+                            "folder, or set trainer.strategy.init_args.run_id")
+        try:
+            self.module.on_load_checkpoint(checkpoint)  # one message for another tokenizer or model size
+        except UserError as exc:
+            raise UserError(f"--store_checkpoints {path}: {exc}") from exc
+        try:
+            epoch = self.state.load_checkpoint(checkpoint, self.module)
+        except (KeyError, RuntimeError, ValueError) as exc:  # missing/unexpected keys, another optimizer
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"--store_checkpoints {path} does not fit this config's model and optimizer ({detail}); "
+                            "give the run's own config, or another folder") from exc
+        self.stored_epoch = epoch
+        print(f"[convmodel] loaded {path} (collaborative epoch {epoch}); serving it to peers that join",
+              flush=True)
+
+    # ---- running ------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Join, then refresh until asked to stop; the last checkpoint is written before leaving."""
+        try:
+            self.join()
+            if self.options.assist_in_averaging:
+                self._assist_thread = threading.Thread(target=self._assist, name="convmodel-assist", daemon=True)
+                self._assist_thread.start()
+            while not self.stop.is_set():
+                self.refresh()
+                self.stop.wait(self.options.refresh_period)
+            self._final_checkpoint()
+        finally:
+            self.leave()
+
+    def refresh(self) -> None:
+        snapshot = self.monitor.refresh()
+        self.alive_peers = snapshot.alive_peers if snapshot is not None else 0
+        if snapshot is not None:
+            self.swarm_epoch = max(snapshot.epoch, self.swarm_epoch or 0)
+            self.swarm_loss = snapshot.loss
+        if self.store is not None and self._checkpoint_due():
+            self._tried_at_epoch = self.swarm_epoch
+            if self._download("checkpoint"):
+                self._store()
+        self._maybe_upload()
+
+    def _checkpoint_due(self) -> bool:
+        """The swarm is checkpoint_every epochs past the stored state (and has moved since the last try:
+        when no peer could send its state, e.g. all are in client mode, ask again one epoch later)."""
+        if self.swarm_epoch is None or self.swarm_epoch == self._tried_at_epoch:
+            return False
+        return self.swarm_epoch >= (self.stored_epoch or 0) + self.options.checkpoint_every
+
+    def _download(self, why: str) -> bool:
+        try:
+            newer = self.state.download()
+        except Exception as exc:  # a peer that left mid-download, a timeout: the next refresh tries again
+            print(f"[convmodel] could not download the swarm's state ({why}): {type(exc).__name__}: {exc}",
+                  file=sys.stderr, flush=True)
+            return False
+        if newer:
+            print(f"[convmodel] downloaded the swarm's state at collaborative epoch {self.state.epoch}", flush=True)
+        return newer
+
+    def _store(self) -> None:
+        state = self.state
+        if state.epoch is None or (self.stored_epoch is not None and state.epoch <= self.stored_epoch):
+            return
+        metrics = {"train/loss": self.swarm_loss} if self.swarm_loss is not None else {}
+        checkpoint = state.checkpoint(self.module, self.datamodule, metrics)
+        path = self.store.write(state.epoch, checkpoint)
+        self.stored_epoch = state.epoch
+        print(f"[convmodel] stored the swarm's state at collaborative epoch {state.epoch}: {path}", flush=True)
+
+    def _maybe_upload(self) -> None:
+        options = self.options
+        if options.push_to_hub is None or self.stored_epoch is None or self.stored_epoch == self.uploaded_epoch:
+            return
+        if time.monotonic() - self.last_upload < options.upload_every:
+            return
+        from convmodel.export import PushError, export_model
+
+        self.last_upload = time.monotonic()
+        epoch = self.stored_epoch
+        try:
+            export_model(self.store.latest(), os.path.join(self.store.directory, EXPORT_FOLDER),
+                         push_to_hub=options.push_to_hub, overwrite=True,
+                         commit_message=f"Collaborative epoch {epoch} of run {self.peer.options.run_id}")
+        except (PushError, UserError) as exc:  # the swarm goes on; the next upload tries again
+            print(f"[convmodel] upload of collaborative epoch {epoch} failed: {user_message(exc) or exc}",
+                  file=sys.stderr, flush=True)
+            return
+        self.uploaded_epoch = epoch
+
+    def _assist(self) -> None:
+        while not self._assist_stop.wait(self.options.assist_every):
+            try:
+                self.state.assist()
+            except Exception as exc:  # a failed round must not end the assistance
+                print(f"[convmodel] assisting in averaging: {type(exc).__name__}: {exc}", file=sys.stderr,
+                      flush=True)
+
+    # ---- leaving -----------------------------------------------------------------------------
+
+    def _on_signal(self, signum) -> bool:
+        """SIGINT/SIGTERM: finish what is running, write the last checkpoint, leave (signals.py: twice stops)."""
+        self.stop.set()
+        print(f"[convmodel] {signal.Signals(signum).name}: writing the last checkpoint and leaving the swarm "
+              "(send it again to stop at once)", file=sys.stderr, flush=True)
+        return True
+
+    def _final_checkpoint(self) -> None:
+        if self.store is None:
+            return
+        if self.alive_peers and self.swarm_epoch is not None and self.swarm_epoch > (self.state.epoch or 0):
+            self._download("last checkpoint")
+        self._store()
+
+    def leave(self) -> None:
+        self._assist_stop.set()
+        if self._assist_thread is not None:
+            self._assist_thread.join()
+        if self.monitor is not None:
+            self.monitor.close()
+        if self.state is not None:
+            self.state.shutdown()
+        joined = self.peer.dht is not None
+        self.peer.leave()
+        self._signals.restore()
+        if joined:
+            print("[convmodel] auxiliary peer stopped", flush=True)

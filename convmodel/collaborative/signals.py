@@ -1,0 +1,61 @@
+"""Leaving a swarm on a signal: the first one asks to stop cleanly, a second one stops at once.
+
+Shared by the trainer's HivemindStrategy (Ctrl-C) and the auxiliary peer (Ctrl-C and SIGTERM).
+Why a handler of our own: hivemind's averagers set SIGINT to "ignore" in this process before
+they fork and never put it back, so Ctrl-C would do nothing; and a KeyboardInterrupt raised
+inside a hivemind call can leave a lock held that the goodbye then waits on forever. So the first
+signal only asks the peer's loop to stop after what it is doing (a clean leave the others notice
+within one matchmaking round); the second restores the previous handlers and raises
+KeyboardInterrupt.
+"""
+
+import signal
+import threading
+from collections.abc import Callable
+
+
+class StopOnSignal:
+    """Install with `install()` once hivemind has started its processes; `restore()` puts the old handlers back.
+
+    `on_first(signum)` runs for the first signal and returns whether it took it; when it returns
+    False (nothing to stop yet) the signal acts as a second one.
+    """
+
+    def __init__(self, signals: tuple[int, ...], on_first: Callable[[int], bool]):
+        self.signals, self.on_first = signals, on_first
+        self.received: int | None = None  # the first signal's number, once one came
+        self._previous: dict[int, object] = {}
+
+    def install(self, previous: dict[int, object] | None = None) -> None:
+        """Take over the signals (in the main thread only; elsewhere Python cannot set handlers).
+
+        `previous`: the handlers to restore, when hivemind already replaced the ones before it.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for number in self.signals:
+            handler = (previous or {}).get(number, signal.getsignal(number))
+            self._previous[number] = signal.default_int_handler if (
+                handler is None and number == signal.SIGINT) else handler
+            signal.signal(number, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is None and self.on_first(signum):
+            self.received = signum
+            return
+        self.restore()
+        raise KeyboardInterrupt
+
+    def restore(self) -> None:
+        previous, self._previous = self._previous, {}
+        restore_handlers(previous)
+
+
+def restore_handlers(handlers: dict[int, object]) -> None:
+    """Set each signal's handler back (main thread only; a None handler, one not set from Python, stays)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for number, handler in handlers.items():
+        if handler is not None:
+            signal.signal(number, handler)
+

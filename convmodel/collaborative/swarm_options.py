@@ -1,0 +1,109 @@
+"""The swarm's options (run id, addresses, timings, hivemind.Optimizer switches) and their checks.
+
+The trainer's HivemindStrategy and the auxiliary peer read the same `trainer.strategy.init_args`
+section; both hand it to a SwarmPeer as one SwarmOptions. The checks gather every problem into
+one UserError, and run when a peer starts, not when jsonargparse builds the strategy: an error
+raised there comes back wrapped in a long Union message.
+"""
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from convmodel.collaborative.compression import COMPRESSION_NAMES
+from convmodel.errors import UserError
+
+OPTION = "trainer.strategy.init_args"
+
+
+class SwarmAddresses(NamedTuple):
+    """The addresses of the options, parsed and checked (initial peers also from the environment)."""
+
+    initial_peers: list[str]
+    host_maddrs: list[str]
+    announce_maddrs: list[str] | None
+
+
+@dataclass
+class SwarmOptions:
+    """Every option of a swarm peer; their meaning is documented on HivemindStrategy's arguments."""
+
+    run_id: str = "convmodel"
+    target_batch_size: int = 4096
+    initial_peers: list[str] | str | None = None
+    host_maddrs: list[str] | None = None
+    announce_maddrs: list[str] | None = None
+    identity_path: str | None = None
+    client_mode: bool = False
+    use_ipfs: bool = False
+    use_relay: bool = True
+    use_auto_relay: bool = False
+    nat_port_map: bool = True
+    auto_nat: bool = True
+    matchmaking_time: float = 5.0
+    averaging_timeout: float = 60.0
+    load_state_timeout: float = 600.0
+    next_chunk_timeout: float | None = None
+    bootstrap_timeout: float = 30.0
+    metadata_expiration: float = 60.0
+    grad_compression: str = "fp16"
+    state_averaging_compression: str = "fp16"
+    offload_optimizer: bool = False
+    delay_optimizer_step: bool = False
+    delay_grad_averaging: bool = False
+    delay_state_averaging: bool = True
+    average_state_every: int = 1
+    reuse_grad_buffers: bool = False
+    bandwidth: float | None = None
+    max_collaborative_epochs: int | None = None
+    backup_every_epochs: int = 10
+    peers_file: str | None = None
+    verbose: bool = False
+
+    @property
+    def request_timeout(self) -> float:
+        """Seconds an averager waits for a peer's answer: matchmaking warns (and may stall) when a
+        request can outlive the matchmaking window."""
+        return max(0.2, min(3.0, self.matchmaking_time / 2))
+
+    def check(self) -> SwarmAddresses:
+        """Check every option at once and resolve the addresses; one UserError lists all problems."""
+        from convmodel.collaborative.dht import check_multiaddrs, parse_peer_list, resolve_initial_peers
+
+        problems = self._problems()
+        if problems:
+            raise UserError(f"{OPTION}: " + "; ".join(problems))
+        host = parse_peer_list(self.host_maddrs, f"{OPTION}.host_maddrs") or ["/ip4/0.0.0.0/tcp/0"]
+        announce = parse_peer_list(self.announce_maddrs, f"{OPTION}.announce_maddrs")
+        return SwarmAddresses(
+            initial_peers=resolve_initial_peers(self.initial_peers),
+            host_maddrs=check_multiaddrs(host, f"{OPTION}.host_maddrs", need_peer_id=False),
+            announce_maddrs=check_multiaddrs(announce, f"{OPTION}.announce_maddrs", need_peer_id=False) or None)
+
+    def _problems(self) -> list[str]:
+        problems = []
+        run_id = self.run_id
+        if not isinstance(run_id, str) or not run_id.strip():
+            problems.append("run_id must be a non-empty name")
+        elif "." in run_id or any(c.isspace() for c in run_id):
+            problems.append(f"run_id {run_id!r} must not contain dots or spaces (hivemind uses dots in DHT keys); "
+                            f"e.g. {run_id.replace('.', '_').replace(' ', '_')!r}")
+        for name, low in (("target_batch_size", 1), ("average_state_every", 1), ("backup_every_epochs", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                problems.append(f"{name} must be an integer >= {low}, got {value!r}")
+        for name in ("matchmaking_time", "averaging_timeout", "load_state_timeout", "bootstrap_timeout",
+                     "metadata_expiration", "next_chunk_timeout", "bandwidth"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                problems.append(f"{name} must be > 0, got {value!r}")
+        for name in ("grad_compression", "state_averaging_compression"):
+            value = getattr(self, name)
+            if value not in COMPRESSION_NAMES:
+                problems.append(f"{name} must be one of {', '.join(COMPRESSION_NAMES)}, got {value!r}")
+        if self.delay_optimizer_step and not self.offload_optimizer:
+            problems.append("delay_optimizer_step needs offload_optimizer: true")
+        if self.delay_grad_averaging and not self.delay_optimizer_step:
+            problems.append("delay_grad_averaging needs delay_optimizer_step: true")
+        if self.max_collaborative_epochs is not None and self.max_collaborative_epochs < 1:
+            problems.append(f"max_collaborative_epochs must be >= 1, got {self.max_collaborative_epochs!r}")
+        return problems

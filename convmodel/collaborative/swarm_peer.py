@@ -1,0 +1,192 @@
+"""One peer of a hivemind swarm, without Lightning: the DHT, hivemind.Optimizer, joining, stepping, leaving.
+
+The trainer's HivemindStrategy and the auxiliary peer each hold one. A training peer:
+
+    peer = SwarmPeer(options)
+    peer.join(module_optimizer, scheduler, clip_val, clip_algorithm)   # DHT + hivemind.Optimizer
+    peer.catch_up()              # download the swarm's state if it is ahead; metrics record from now on
+    for each local batch: backward, then peer.step(samples)  # a collaborative epoch when the swarm is ready
+    peer.leave()
+
+Each local step adds its samples to the swarm's count; when the peers together reach
+`target_batch_size` they average gradients, take one optimizer step (a *collaborative epoch*)
+and step the schedule once.
+"""
+
+import sys
+import warnings
+from typing import Any
+
+import torch
+
+from convmodel.collaborative.nan_guard import NanGuard, grads_finite, params_finite
+from convmodel.collaborative.optimizer_rebuild import rebuild_optimizer, rebuild_scheduler, sync_scheduler
+from convmodel.collaborative.swarm_options import OPTION, SwarmOptions
+from convmodel.errors import UserError
+
+
+class SwarmPeer:
+    """The swarm session of one process: `dht` and `optimizer` (a hivemind.Optimizer) once joined."""
+
+    def __init__(self, options: SwarmOptions):
+        self.options = options
+        self.dht = None
+        self.optimizer = None
+        self.peer_addresses: list[str] = []
+        self.guard = NanGuard(options.backup_every_epochs, options.reuse_grad_buffers)
+        self.report = None  # EpochReport, once joined
+        self._signer = None
+
+    # ---- joining ------------------------------------------------------------------------------
+
+    def start_dht(self, extra_validators: list = ()) -> None:
+        """Check the options and start the DHT (prints the join address, writes peers_file).
+
+        Alone, for a peer that holds no hivemind.Optimizer (the auxiliary peer that only stores
+        checkpoints); `join` calls it first. `extra_validators` are added to the DHT's record
+        validators (the monitor counts rejections).
+        """
+        from convmodel.collaborative.dht import announce_addresses, metrics_key, start_dht
+        from convmodel.collaborative.metrics import metrics_validators
+
+        options = self.options
+        addresses = options.check()
+        validators, self._signer = metrics_validators(options.run_id, metrics_key(options.identity_path))
+        self.dht = start_dht(
+            addresses.initial_peers, addresses.host_maddrs, addresses.announce_maddrs, options.identity_path,
+            options.client_mode, options.use_ipfs, options.use_relay, options.use_auto_relay, options.nat_port_map,
+            options.auto_nat, options.bootstrap_timeout, record_validators=[*validators, *extra_validators])
+        if options.client_mode:
+            print(f"[convmodel] peer {self.dht.peer_id} joined in client mode (it cannot be an initial peer)",
+                  flush=True)
+        else:
+            self.peer_addresses = announce_addresses(self.dht, options.peers_file)
+
+    def join(self, module_optimizer: torch.optim.Optimizer, scheduler=None, clip_val: float | None = None,
+             clip_algorithm: str = "norm", auxiliary: bool = False, extra_validators: list = ()):
+        """Check the options, start the DHT and build the hivemind.Optimizer; returns the optimizer.
+
+        `auxiliary=True`: the auxiliary peer that helps average (hivemind's auxiliary mode).
+        """
+        from convmodel.collaborative.averaging_failures import AveragingFailureCounter
+        from convmodel.collaborative.epoch_report import EpochReport
+
+        self.options.check()
+        if auxiliary and self.options.client_mode:
+            raise UserError(f"{OPTION}.client_mode: an auxiliary peer that assists in averaging must accept "
+                            "connections; set client_mode: false (or do not assist in averaging)")
+        self.start_dht(list(extra_validators))
+        self.report = EpochReport(self.options.run_id, self.options.target_batch_size,
+                                  AveragingFailureCounter().attach())
+        self.optimizer = self._make_optimizer(module_optimizer, scheduler, clip_val, clip_algorithm, auxiliary)
+        return self.optimizer
+
+    def _make_optimizer(self, module_optimizer, scheduler, clip_val, clip_algorithm: str, auxiliary: bool):
+        from hivemind.optim.grad_averager import GradientAverager
+
+        from convmodel.collaborative.compression import build_compression
+        from convmodel.collaborative.swarm_optimizer import swarm_optimizer_class
+
+        options = self.options
+        optimizer_factory, param_groups = rebuild_optimizer(module_optimizer, clip_val, clip_algorithm)
+        averager_opts: dict[str, Any] = {"request_timeout": options.request_timeout}
+        if options.bandwidth is not None:
+            averager_opts["bandwidth"] = options.bandwidth
+
+        def grad_averager_factory(**kwargs):
+            return GradientAverager(**kwargs, **averager_opts)
+
+        # hivemind steps a fresh schedule to the current epoch before the first optimizer step
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+        return swarm_optimizer_class()(
+            dht=self.dht,
+            run_id=options.run_id,
+            target_batch_size=options.target_batch_size,
+            optimizer=optimizer_factory,
+            params=param_groups,
+            scheduler=rebuild_scheduler(scheduler),
+            matchmaking_time=options.matchmaking_time,
+            averaging_timeout=options.averaging_timeout,
+            load_state_timeout=options.load_state_timeout,
+            next_chunk_timeout=options.next_chunk_timeout,
+            reuse_grad_buffers=options.reuse_grad_buffers,
+            offload_optimizer=options.offload_optimizer,
+            delay_optimizer_step=options.delay_optimizer_step,
+            delay_grad_averaging=options.delay_grad_averaging,
+            delay_state_averaging=options.delay_state_averaging,
+            average_state_every=options.average_state_every,
+            client_mode=options.client_mode,
+            auxiliary=auxiliary,
+            grad_compression=build_compression(options.grad_compression, "grad_compression"),
+            state_averaging_compression=build_compression(options.state_averaging_compression,
+                                                          "state_averaging_compression"),
+            grad_averager_factory=grad_averager_factory,
+            tracker_opts={"metadata_expiration": options.metadata_expiration},
+            averager_opts=averager_opts,
+            verbose=options.verbose,
+        )
+
+    def catch_up(self) -> None:
+        """Before the first step: take the swarm's state if a peer is further ahead, then report from here."""
+        opt = self.optimizer
+        before = opt.local_epoch
+        opt.load_state_from_peers()  # keeps ours if the swarm is behind (a resumed peer that is ahead)
+        sync_scheduler(opt)
+        run_id = self.options.run_id
+        if opt.local_epoch != before:
+            print(f"[convmodel] joined run {run_id!r} at collaborative epoch {opt.local_epoch}: "
+                  "downloaded the swarm's parameters and optimizer state", flush=True)
+        else:
+            print(f"[convmodel] training run {run_id!r} from collaborative epoch {opt.local_epoch} "
+                  "(no peer further ahead)", flush=True)
+        self.guard.take_backup(opt)
+        self.report.start(opt, self.dht, self._signer, self.options.metadata_expiration)
+
+    def after_checkpoint_load(self) -> None:
+        """A checkpoint's optimizer state carries local_epoch: the schedule must follow it."""
+        if self.optimizer is not None:
+            sync_scheduler(self.optimizer)
+
+    # ---- stepping ------------------------------------------------------------------------------
+
+    def step(self, samples: int, loss_finite: bool = True) -> bool:
+        """This local step's gradients (in the parameters' .grad) count toward the swarm's next epoch.
+
+        Non-finite loss or gradients skip the step. Returns True once the swarm has reached
+        max_collaborative_epochs.
+        """
+        opt = self.optimizer
+        if not loss_finite or not grads_finite(opt):
+            self.guard.skip_step(opt)
+            if not params_finite(opt):
+                self.guard.restore(opt)
+        else:
+            opt.step(batch_size=max(samples, 1))
+            self.report.samples_contributed += samples
+        if not self.report.new_epoch(opt):
+            return False
+        self.guard.after_epoch(opt)
+        self.report.publish(opt)
+        last = self.options.max_collaborative_epochs
+        return last is not None and opt.local_epoch >= last
+
+    def metrics(self) -> dict[str, float]:
+        """The collab/* scalars for this local step."""
+        return self.report.values(self.optimizer, self.guard.skipped_steps)
+
+    # ---- leaving -----------------------------------------------------------------------------------
+
+    def leave(self) -> None:
+        """Shut the optimizer's averagers, the metrics record and the DHT down (safe to call twice)."""
+        opt, dht = self.optimizer, self.dht
+        self.optimizer = self.dht = None
+        if opt is not None:
+            try:
+                opt.shutdown()
+            except Exception as exc:  # a failed goodbye must not hide the run's own outcome
+                print(f"[convmodel] hivemind optimizer shutdown: {exc!r}", file=sys.stderr)
+        report, self.report = self.report, None
+        if report is not None:
+            report.close()
+        if dht is not None:
+            dht.shutdown()
