@@ -156,6 +156,11 @@ class HivemindStrategy(SingleDeviceStrategy):
         if scaler is not None:
             raise UserError("trainer.precision: 16-mixed needs a loss scaler that hivemind does not share with "
                             "Lightning yet; use precision: bf16-mixed (or 32)")
+        if getattr(self.precision_plugin, "precision", None) == "bf16-true":
+            # hivemind's fp16 compression and its uncompressed format refuse bfloat16 tensors
+            raise UserError("trainer.precision: bf16-true keeps parameters and gradients in bfloat16, which "
+                            "hivemind cannot send, so every averaging round would fail; use precision: "
+                            "bf16-mixed (bfloat16 compute, fp32 parameters and gradients)")
         super().setup(trainer)
 
     # ---- joining -------------------------------------------------------------------------------

@@ -82,10 +82,11 @@ class SwarmPeer:
         return self.optimizer
 
     def _make_optimizer(self, module_optimizer, scheduler, clip_val, clip_algorithm: str, auxiliary: bool):
-        from hivemind.optim.grad_averager import GradientAverager
-
         from convmodel.collaborative.compression import build_compression
-        from convmodel.collaborative.swarm_optimizer import swarm_optimizer_class
+        from convmodel.collaborative.swarm_optimizer import (
+            sample_weighted_averager_class,
+            swarm_optimizer_class,
+        )
 
         options = self.options
         optimizer_factory, param_groups = rebuild_optimizer(module_optimizer, clip_val, clip_algorithm)
@@ -94,7 +95,7 @@ class SwarmPeer:
             averager_opts["bandwidth"] = options.bandwidth
 
         def grad_averager_factory(**kwargs):
-            return GradientAverager(**kwargs, **averager_opts)
+            return sample_weighted_averager_class()(**kwargs, **averager_opts)
 
         # hivemind steps a fresh schedule to the current epoch before the first optimizer step
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")

@@ -1,0 +1,142 @@
+"""The Lightning-free SwarmPeer in this process, with real DHTs and hivemind.Optimizers on 127.0.0.1.
+
+Each test builds a tiny torch model and one or two peers, and checks one thing the production
+options rely on: offloaded state stays beside its parameters when Lightning moves optimizers,
+uneven batches are weighted by their samples, a joiner keeps its own hyperparameters, 8-bit LAMB
+state travels exactly and is never averaged, and precisions hivemind cannot average are refused.
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("hivemind")
+
+from convmodel.collaborative.swarm_options import SwarmOptions  # noqa: E402
+from convmodel.collaborative.swarm_peer import SwarmPeer  # noqa: E402
+from convmodel.errors import UserError  # noqa: E402
+
+LOOPBACK = dict(host_maddrs=["/ip4/127.0.0.1/tcp/0"], use_ipfs=False, use_relay=False, use_auto_relay=False,
+                nat_port_map=False, auto_nat=False, matchmaking_time=0.5, averaging_timeout=5.0,
+                bootstrap_timeout=15.0, load_state_timeout=15.0, metadata_expiration=10.0)
+
+
+def make_peer(run_id: str, optimizer_factory, seed: int = 0, **options) -> tuple[SwarmPeer, torch.nn.Module]:
+    """A peer of a 64x64 linear layer (4096 weights: 8-bit moments under lamb8bit, fp32 for the bias)."""
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(64, 64)
+    peer = SwarmPeer(SwarmOptions(run_id=run_id, **{**LOOPBACK, **options}))
+    peer.join(optimizer_factory(model.parameters()))
+    return peer, model
+
+
+def adamw(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
+    return lambda params: torch.optim.AdamW(params, lr=1e-3, betas=betas, eps=eps, weight_decay=weight_decay)
+
+
+def lamb8bit(betas=(0.9, 0.999)):
+    from convmodel.lamb8bit import Lamb8bit
+
+    return lambda params: Lamb8bit(params, lr=1e-3, betas=betas, weight_decay=0.01)
+
+
+def inner_tensors(peer: SwarmPeer) -> list[torch.Tensor]:
+    return [value for state in peer.optimizer.opt.state.values() for value in state.values()
+            if torch.is_tensor(value)]
+
+
+def download(joiner: SwarmPeer, server_model: torch.nn.Module, joiner_model: torch.nn.Module, tries: int = 100):
+    """The joiner loads the swarm's state until it holds the server's weights (a try finds no one until the
+    server's offer to share reaches the DHT); fails after `tries` tries."""
+    for _ in range(tries):
+        joiner.optimizer.load_state_from_peers()
+        if torch.equal(joiner_model.weight, server_model.weight):
+            return
+    pytest.fail(f"the joiner never received the server's state in {tries} tries")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("optimizer", ["adamw", "lamb8bit"])
+def test_offloaded_optimizer_state_stays_beside_its_parameters_when_lightning_moves_optimizers(optimizer):
+    """Lightning's setup and load_optimizer_state_dict move optimizer state to the accelerator in place."""
+    from lightning_fabric.utilities.optimizer import _optimizers_to_device
+
+    peer, _ = make_peer("offload_test", adamw() if optimizer == "adamw" else lamb8bit(), offload_optimizer=True)
+    try:
+        before = inner_tensors(peer)
+        assert before and all(t.device.type == "cpu" for t in before)
+        _optimizers_to_device([peer.optimizer], torch.device("meta"))  # as Strategy.setup does with cuda:0
+        after = inner_tensors(peer)
+        assert [t.device.type for t in after] == ["cpu"] * len(before)
+        # and the offloaded optimizer still steps on its CPU parameters
+        for p in (p for g in peer.optimizer.opt.param_groups for p in g["params"]):
+            p.grad = torch.ones_like(p)
+        peer.optimizer.opt.step()
+    finally:
+        peer.leave()
+
+
+@pytest.mark.timeout(120)
+def test_uneven_batches_count_by_their_samples():
+    """Batches of 5 and 32 samples: the gradient is their sample-weighted mean (hivemind gave 3.7x the second)."""
+    peer, model = make_peer("uneven_test", adamw(), target_batch_size=10_000)
+    try:
+        grads = [torch.randn_like(model.weight) for _ in range(2)]
+        for grad, samples in zip(grads, (5, 32)):
+            model.weight.grad, model.bias.grad = grad.clone(), torch.zeros_like(model.bias)
+            assert not peer.step(samples)
+        assert peer.optimizer.local_epoch == 0  # no collaborative epoch yet: the gradients wait in the accumulators
+        averager = peer.optimizer.grad_averager
+        averager.load_accumulators_into_averager_()
+        with averager.get_tensors() as averaged:
+            weight = averaged[0].clone()
+        torch.testing.assert_close(weight, (5 * grads[0] + 32 * grads[1]) / 37)
+    finally:
+        peer.leave()
+
+
+@pytest.mark.timeout(180)
+def test_joiner_keeps_its_hyperparameters_and_receives_the_8bit_state_exactly(capsys):
+    """The serving peer's state_dict carries its betas/eps/weight decay; the joiner's config must stay."""
+    server, server_model = make_peer("join_test", lamb8bit(betas=(0.9, 0.999)), seed=0)
+    joiner = None
+    try:
+        with torch.no_grad():  # a real step, so that the 8-bit moments are not all zero
+            server_model.weight.grad = torch.randn_like(server_model.weight)
+            server_model.bias.grad = torch.randn_like(server_model.bias)
+        server.optimizer.opt.step()
+        joiner, joiner_model = make_peer("join_test", lamb8bit(betas=(0.5, 0.6)), seed=1,
+                                         initial_peers=server.peer_addresses)
+        download(joiner, server_model, joiner_model)
+        assert [g["betas"] for g in joiner.optimizer.opt.param_groups] == [(0.5, 0.6)]
+        assert "betas" in capsys.readouterr().out  # the difference is said, not silent
+        served, received = server.optimizer.opt.state[server_model.weight], joiner.optimizer.opt.state[
+            joiner_model.weight]
+        assert received["exp_avg_q"].dtype == torch.uint8
+        for key in ("exp_avg_q", "exp_avg_absmax", "exp_avg_sq_q", "exp_avg_sq_absmax"):
+            assert torch.equal(served[key], received[key]), key
+        # state rounds average the parameters only: 8-bit codes averaged as numbers would be garbage
+        for peer in (server, joiner):
+            assert peer.optimizer.state_averager.opt_keys_for_averaging == ()
+    finally:
+        for peer in (joiner, server):
+            if peer is not None:
+                peer.leave()
+
+
+@pytest.mark.timeout(60)
+def test_bf16_true_precision_is_refused_before_joining(tokenizer_dir, tmp_path):
+    from pytorch_lightning import Trainer
+
+    from convmodel.collaborative import HivemindStrategy
+    from convmodel.models import BertPretraining
+
+    strategy = HivemindStrategy(run_id="bf16_test", target_batch_size=16, **LOOPBACK)
+    model = BertPretraining(tokenizer=tokenizer_dir, config={"hidden_size": 32, "num_hidden_layers": 1,
+                                                             "num_attention_heads": 2, "intermediate_size": 64})
+    trainer = Trainer(strategy=strategy, accelerator="cpu", devices=1, precision="bf16-true", max_steps=1,
+                      logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, default_root_dir=str(tmp_path))
+    data = [{"input_ids": torch.ones(8, dtype=torch.long)}]
+    with pytest.raises(UserError, match=r"trainer\.precision: bf16-true .*bf16-mixed"):
+        trainer.fit(model, train_dataloaders=torch.utils.data.DataLoader(data))
+    assert strategy.dht is None  # refused before anything started
