@@ -33,8 +33,9 @@ def write_shard(path, records: list[list[int]], sop: bool = False) -> str:
     with open(path, "w") as f:
         for ids in records:
             record = {"input_ids": ids}
-            if sop:
-                record |= {"token_type_ids": [0] * len(ids), "sentence_order_label": 0}
+            if sop:  # [CLS] A [SEP] is segment 0, B [SEP] segment 1 (the layout prepare writes)
+                junction = ids.index(3) + 1 if 3 in ids[:-1] else len(ids)
+                record |= {"token_type_ids": [0] * junction + [1] * (len(ids) - junction), "sentence_order_label": 0}
             f.write(json.dumps(record) + "\n")
     return str(path)
 
@@ -53,10 +54,17 @@ def baseline(tmp_path, train: list[list[list[int]]], val: list[list[int]], objec
 def test_masked_lm_baseline_by_hand(tmp_path, objective):
     # train targets 5 5 6 7 ([UNK] 1 and [CLS]/[SEP] are never masked); 5 countable ids (5-9),
     # add 0.5 to each: p = (count + 0.5) / 6.5
-    train = [[[2, 5, 5, 6, 3], [2, 1, 7, 3]]]
-    # val targets 5 8 ([MASK] 4 left out) and, cut to 5 tokens keeping [SEP], 6 6 6
-    val = [[2, 5, 8, 4, 3], [2, 6, 6, 6, 6, 6, 3]]
-    result = baseline(tmp_path, train, val, objective, max_seq_len=5)
+    if objective == "mlm":
+        train = [[[2, 5, 5, 6, 3], [2, 1, 7, 3]]]
+        # val targets 5 8 ([MASK] 4 left out) and, cut to 5 tokens keeping [SEP], 6 6 6
+        val = [[2, 5, 8, 4, 3], [2, 6, 6, 6, 6, 6, 3]]
+        max_seq_len = 5
+    else:  # the same targets in [CLS] A [SEP] B [SEP] pairs; the middle [SEP] is never a target either
+        train = [[[2, 5, 3, 5, 6, 3], [2, 1, 3, 7, 3]]]
+        # cut to 6 keeping A's tail and B's head: [CLS] 6 6 [SEP] 6 [SEP]
+        val = [[2, 5, 3, 8, 4, 3], [2, 6, 6, 6, 3, 6, 6, 3]]
+        max_seq_len = 6
+    result = baseline(tmp_path, train, val, objective, max_seq_len=max_seq_len)
     cross_entropy = -(math.log(2.5) + math.log(0.5) + 3 * math.log(1.5) - 5 * math.log(6.5)) / 5
     order = math.log(2) if objective == "sop" else 0.0  # a model that knows no order guesses it
     assert result.cross_entropy == pytest.approx(cross_entropy, rel=1e-12)
@@ -122,7 +130,7 @@ def datamodule(tokenizer_dir, shards, objective: str = "mlm", **kwargs) -> Jsonl
 def label_counts(loader, objective: str, vocab_size: int) -> np.ndarray:
     """How often each id is a target in the loader's batches, every maskable token masked for mlm/sop."""
     if objective != "clm":
-        loader.collate_fn.hf.mlm_probability = 1.0  # the real collator, choosing every token it may mask
+        loader.collate_fn.mlm_probability = 1.0  # the real collator, choosing every token it may mask
     counts = np.zeros(vocab_size, dtype=np.int64)
     for batch in loader:
         labels = batch["labels"][:, 1:] if objective == "clm" else batch["labels"]  # gpt2 predicts t + 1
@@ -137,7 +145,7 @@ def test_datamodule_baseline_scores_the_collators_targets(tokenizer_dir, shards,
     vocab_size = len(dm.tokenizer)
     train = label_counts(dm.train_dataloader(), objective, vocab_size)
     val = label_counts(dm.val_dataloader(), objective, vocab_size)
-    targets = vocab_size if objective == "clm" else vocab_size - len(dm.val_dataloader().collate_fn.special_ids)
+    targets = vocab_size if objective == "clm" else vocab_size - int(dm.val_dataloader().collate_fn.special.sum())
     probs = (train + 0.5) / (train.sum() + 0.5 * targets)
     expected = -(val * np.log(probs)).sum() / val.sum() + (math.log(2) if objective == "sop" else 0.0)
     assert dm.unigram_baseline() == pytest.approx(expected, rel=1e-9)
