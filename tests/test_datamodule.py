@@ -77,7 +77,7 @@ def test_options_are_checked_together():
 
 
 def test_missing_files_and_tokenizer_name_the_option(tmp_path, corpus):
-    with pytest.raises(UserError, match=r"data.train_files: '.*nothing/\*.jsonl' matches no file"):
+    with pytest.raises(UserError, match=r"data.train_files .*nothing/\*.jsonl: no such file. Make shards with trainer/prepare_train_data.py"):
         JsonlDataModule(corpus["tokenizer"], train_files=str(tmp_path / "nothing/*.jsonl")).setup("fit")
     with pytest.raises(UserError, match="data.train_files is required"):
         JsonlDataModule(corpus["tokenizer"], val_files=corpus["mlm"] + "/*.jsonl").setup("fit")

@@ -5,9 +5,7 @@ Its state_dict (saved by Lightning in every checkpoint) is the training stream's
 uninterrupted run (see convmodel.data.train_position).
 """
 
-import glob
 import math
-import os
 from typing import Literal
 
 import pytorch_lightning as pl
@@ -22,21 +20,15 @@ from convmodel.data.shard_checks import SplitShards, check_enough, report_cut_sh
 from convmodel.data.train_position import FORMAT, TrainPosition, mismatches
 from convmodel.data.unigram_baseline import DEFAULT_MAX_TRAIN_TOKENS, unigram_baseline
 from convmodel.errors import UserError
+from convmodel.file_patterns import expand_file_patterns
+
+SHARDS_HINT = ("Make shards with trainer/prepare_train_data.py, or fix the path (it is relative to the directory "
+               "you run from).")
 
 
 def expand_files(option: str, patterns: str | list[str]) -> list[str]:
-    """Paths or globs -> sorted existing files; UserError naming the option when one matches nothing."""
-    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
-    files: list[str] = []
-    for pattern in patterns:
-        matches = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
-        if not matches:
-            raise UserError(
-                f"{option}: {pattern!r} matches no file; make shards with trainer/prepare_train_data.py "
-                "or fix the path (it is relative to the directory you run from)"
-            )
-        files.extend(m for m in matches if m not in files)
-    return files
+    """Paths or globs -> existing files in order; UserError naming the option when one matches nothing."""
+    return expand_file_patterns(option, patterns, hint=SHARDS_HINT)
 
 
 class JsonlDataModule(pl.LightningDataModule):
