@@ -4,6 +4,7 @@ When a round fails (no group formed in time, a peer died mid-round, a timeout), 
 goes on with local gradients or unaveraged parameters and says so with `logger.log(status_loglevel,
 ...)`: DEBUG unless `verbose`, so a swarm that never really averages looks healthy. We let those two
 loggers create their DEBUG records, count the failures and drop what the user did not ask to see.
+The tracebacks of rounds hivemind itself had cancelled are dropped too (quiet_cancelled_round_errors).
 """
 
 import logging
@@ -44,3 +45,27 @@ class AveragingFailureCounter(logging.Filter):
             logger.removeFilter(self)
             logger.setLevel(level)
         self._levels = {}
+
+
+class _DropCancelledRoundErrors(logging.Filter):
+    """Drop asyncio's "Task exception was never retrieved" for a round the optimizer had already cancelled.
+
+    hivemind.Optimizer pre-schedules averaging rounds and cancels one it no longer needs (a state
+    round while the previous one still runs, a round of a peer that thinks it is alone); when the
+    averager process has already formed the group it then sets a result on the cancelled future,
+    and hivemind's handler catches asyncio's InvalidStateError, not the concurrent.futures one
+    MPFuture raises. Nothing waits for that round, so the traceback tells the user nothing.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from concurrent.futures import InvalidStateError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(exc, InvalidStateError) and "CANCELLED" in str(exc))
+
+
+def quiet_cancelled_round_errors() -> None:
+    """Before the averagers fork (their processes inherit the filter): silence cancelled-round noise."""
+    asyncio_logger = logging.getLogger("asyncio")
+    if not any(isinstance(f, _DropCancelledRoundErrors) for f in asyncio_logger.filters):
+        asyncio_logger.addFilter(_DropCancelledRoundErrors())

@@ -102,6 +102,9 @@ class SwarmOptions:
                 problems.append(f"{name} must be one of {', '.join(COMPRESSION_NAMES)}, got {value!r}")
         if self.delay_optimizer_step and not self.offload_optimizer:
             problems.append("delay_optimizer_step needs offload_optimizer: true")
+        if self.delay_optimizer_step and not self.delay_state_averaging:
+            # hivemind asserts this at the first collaborative step, inside its background thread
+            problems.append("delay_optimizer_step needs delay_state_averaging: true")
         if self.delay_grad_averaging and not self.delay_optimizer_step:
             problems.append("delay_grad_averaging needs delay_optimizer_step: true")
         if self.max_collaborative_epochs is not None and self.max_collaborative_epochs < 1:

@@ -68,7 +68,10 @@ class SwarmPeer:
 
         `auxiliary=True`: the auxiliary peer that helps average (hivemind's auxiliary mode).
         """
-        from convmodel.collaborative.averaging_failures import AveragingFailureCounter
+        from convmodel.collaborative.averaging_failures import (
+            AveragingFailureCounter,
+            quiet_cancelled_round_errors,
+        )
         from convmodel.collaborative.epoch_report import EpochReport
 
         self.options.check()
@@ -76,6 +79,7 @@ class SwarmPeer:
             raise UserError(f"{OPTION}.client_mode: an auxiliary peer that assists in averaging must accept "
                             "connections; set client_mode: false (or do not assist in averaging)")
         self.start_dht(list(extra_validators))
+        quiet_cancelled_round_errors()
         self.report = EpochReport(self.options.run_id, self.options.target_batch_size,
                                   AveragingFailureCounter().attach())
         self.optimizer = self._make_optimizer(module_optimizer, scheduler, clip_val, clip_algorithm, auxiliary)
@@ -154,7 +158,7 @@ class SwarmPeer:
         """This local step's gradients (in the parameters' .grad) count toward the swarm's next epoch.
 
         Non-finite loss or gradients skip the step. Returns True once the swarm has reached
-        max_collaborative_epochs.
+        max_collaborative_epochs (with the last step's delayed updates applied).
         """
         opt = self.optimizer
         if not loss_finite or not grads_finite(opt):
@@ -169,7 +173,20 @@ class SwarmPeer:
         self.guard.after_epoch(opt)
         self.report.publish(opt)
         last = self.options.max_collaborative_epochs
-        return last is not None and opt.local_epoch >= last
+        if last is None or opt.local_epoch < last:
+            return False
+        self.finish_delayed_updates()
+        return True
+
+    def finish_delayed_updates(self) -> None:
+        """Wait for the background optimizer step and averaging round and apply them to the parameters.
+
+        With delay_optimizer_step the last collaborative step would otherwise land after the
+        trainer's final checkpoint, or never: the saved state would be one step behind the swarm.
+        """
+        opt = self.optimizer
+        if opt is not None and (self.options.delay_optimizer_step or self.options.delay_state_averaging):
+            opt.state_averager.step(wait_for_delayed_updates=True)
 
     def metrics(self) -> dict[str, float]:
         """The collab/* scalars for this local step."""
