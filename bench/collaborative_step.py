@@ -1,12 +1,16 @@
-"""Seconds per collaborative step for two bert-tiny peers on 127.0.0.1 (configs/collaborative/bert-tiny.yaml).
+"""Seconds per collaborative step for two peers on 127.0.0.1: the loopback config or the production options.
 
+`--config loopback` is configs/collaborative/bert-tiny.yaml (AdamW, fp16 compression, nothing
+delayed); `--config production` is configs/collaborative/lean-albert-tiny.yaml (the xlarge run's
+options: offloaded 8-bit LAMB, delayed optimizer step and averaging, state averaged every 5
+epochs, size-adaptive compression, clipping, bf16-mixed) with a LeanALBERT of the same width.
 Builds a tokenizer and MLM shards from the Python docs (no download), starts two trainer.py
 processes as users start them, and reads each peer's log: a line per collaborative epoch with the
 seconds since the previous one (the same seconds as its `collab/samples_per_second` in TensorBoard).
 Once both peers have logged `--epochs` collaborative epochs with 2 peers, both are stopped. Prints
 the median seconds per step with two peers and the number of failed averaging rounds.
 
-    python bench/collaborative_step.py [--epochs 20] [--target_batch_size 128]
+    python bench/collaborative_step.py [--config loopback|production] [--epochs 20] [--target_batch_size 128]
 """
 
 import argparse
@@ -27,6 +31,11 @@ REPO = Path(__file__).resolve().parents[1]
 # configs/collaborative/bert-tiny.yaml's model and data, made smaller still so that a step is milliseconds
 TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
              "max_position_embeddings": 64}
+# the production config's LeanALBERT at the same width and depth
+TINY_ALBERT = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
+               "embedding_size": 32, "max_position_embeddings": 64}
+CONFIGS = {"loopback": ("configs/collaborative/bert-tiny.yaml", TINY_BERT),
+           "production": ("configs/collaborative/lean-albert-tiny.yaml", TINY_ALBERT)}
 BATCH_SIZE = 8
 MAX_SEQ_LEN = 64
 
@@ -46,12 +55,14 @@ def make_data(root: Path) -> tuple[str, Path]:
     return tokenizer, root / "shards"
 
 
-def peer(workdir: Path, tokenizer: str, shards: Path, target: int, initial_peer: str | None):
+def peer(workdir: Path, tokenizer: str, shards: Path, target: int, initial_peer: str | None,
+         config: str = "loopback"):
     workdir.mkdir(parents=True)
-    args = ["--config", str(REPO / "configs/collaborative/bert-tiny.yaml"), "--data.tokenizer", tokenizer,
+    config_file, model = CONFIGS[config]
+    args = ["--config", str(REPO / config_file), "--data.tokenizer", tokenizer,
             "--data.train_files", str(shards / "part-*.jsonl"), "--data.val_files", "null",
             "--data.test_files", "null", "--data.max_seq_len", str(MAX_SEQ_LEN),
-            "--data.batch_size", str(BATCH_SIZE), "--model.init_args.config", json.dumps(TINY_BERT),
+            "--data.batch_size", str(BATCH_SIZE), "--model.init_args.config", json.dumps(model),
             "--trainer.max_steps", "100000",
             "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1",
             "--trainer.logger.init_args.save_dir", "runs", "--trainer.callbacks", "[]",
@@ -144,20 +155,24 @@ def run_pair(start: Callable[[Path, str | None], subprocess.Popen], root: Path, 
     return {name: PeerResult.read(root / name / "output.log") for name in ("a", "b")}
 
 
-def measure(root: Path, tokenizer: str, shards: Path, epochs: int, target: int) -> dict[str, PeerResult]:
+def measure(root: Path, tokenizer: str, shards: Path, epochs: int, target: int,
+            config: str = "loopback") -> dict[str, PeerResult]:
     """Our HivemindStrategy: trainer.py peers a and b under root/a and root/b."""
-    return run_pair(lambda workdir, address: peer(workdir, tokenizer, shards, target, address), root, epochs,
-                    timeout=300 + 30 * epochs)
+    return run_pair(lambda workdir, address: peer(workdir, tokenizer, shards, target, address, config), root,
+                    epochs, timeout=300 + 30 * epochs)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="loopback")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--target_batch_size", type=int, default=128)
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="collab-bench-"))
     tokenizer, shards = make_data(root)
-    for name, result in measure(root, tokenizer, shards, args.epochs, args.target_batch_size).items():
+    results = measure(root, tokenizer, shards, args.epochs, args.target_batch_size, args.config)
+    print(f"--config {args.config} ({CONFIGS[args.config][0]})")
+    for name, result in results.items():
         print(result.line(f"peer {name}"))
 
 
