@@ -8,6 +8,11 @@ from convmodel.collaborative.signals import StopOnSignal
 from convmodel.collaborative.swarm_options import SwarmOptions
 from convmodel.errors import UserError
 
+try:  # the shards of the multi-peer tests (they need hivemind; the first tests here do not)
+    from test_collaborative import TINY_BERT, shards  # noqa: F401
+except pytest.skip.Exception:
+    TINY_BERT = None
+
 
 def test_first_signal_asks_to_stop_and_the_second_stops_at_once():
     asked = []
@@ -42,3 +47,35 @@ def test_delayed_optimizer_step_needs_delayed_state_averaging():
     options = SwarmOptions(offload_optimizer=True, delay_optimizer_step=True, delay_state_averaging=False)
     with pytest.raises(UserError, match="delay_optimizer_step needs delay_state_averaging: true"):
         options.check()
+
+
+@pytest.mark.timeout(180)
+def test_ctrl_c_after_fit_returns_stops_the_program(shards, tokenizer_dir, capsys):  # noqa: F811
+    """Lightning's signal connector puts back the handlers it found at its start, ours among them, after our
+    teardown: a Ctrl-C after fit() must act as before fit(), not ask a finished trainer to stop."""
+    pytest.importorskip("hivemind")
+    from pytorch_lightning import Trainer
+
+    from convmodel.collaborative import HivemindStrategy
+    from convmodel.data import JsonlDataModule
+    from convmodel.models import BertPretraining
+
+    strategy = HivemindStrategy(run_id="sigint_test", target_batch_size=16, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+                                use_ipfs=False, use_relay=False, use_auto_relay=False, nat_port_map=False,
+                                auto_nat=False, matchmaking_time=0.5, averaging_timeout=5.0,
+                                max_collaborative_epochs=1)
+    model = BertPretraining(tokenizer=tokenizer_dir, config=TINY_BERT, lr=2e-3, warmup_steps=2, total_steps=50)
+    data = JsonlDataModule(tokenizer=tokenizer_dir, train_files=str(shards / "train" / "part-*.jsonl"),
+                           batch_size=8, max_seq_len=64, shuffle_buffer_size=100)
+    trainer = Trainer(strategy=strategy, accelerator="cpu", devices=1, max_steps=100, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      limit_val_batches=0)
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        trainer.fit(model, datamodule=data)
+        capsys.readouterr()
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+        assert "leaving the swarm" not in capsys.readouterr().err
+    finally:
+        signal.signal(signal.SIGINT, before)

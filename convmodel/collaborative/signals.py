@@ -25,6 +25,7 @@ class StopOnSignal:
         self.signals, self.on_first = signals, on_first
         self.received: int | None = None  # the first signal's number, once one came
         self._previous: dict[int, object] = {}
+        self._restored: dict[int, object] | None = None  # what `restore` put back
 
     def install(self, previous: dict[int, object] | None = None) -> None:
         """Take over the signals (in the main thread only; elsewhere Python cannot set handlers).
@@ -33,6 +34,7 @@ class StopOnSignal:
         """
         if threading.current_thread() is not threading.main_thread():
             return
+        self._restored = None
         for number in self.signals:
             handler = (previous or {}).get(number, signal.getsignal(number))
             self._previous[number] = signal.default_int_handler if (
@@ -40,6 +42,16 @@ class StopOnSignal:
             signal.signal(number, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if self._restored is not None:
+            # restored already, and someone put this handler back (Lightning's signal connector restores
+            # the handlers it found at the start of fit, after the strategy's teardown): act as before us
+            handler = self._restored.get(signum)
+            restore_handlers({signum: handler})
+            if callable(handler):
+                return handler(signum, frame)
+            if handler == signal.SIG_DFL:
+                signal.raise_signal(signum)  # delivered again, now to the default action
+            return None  # SIG_IGN, or a handler Python did not set: nothing more to do
         if self.received is None and self.on_first(signum):
             self.received = signum
             return
@@ -48,6 +60,8 @@ class StopOnSignal:
 
     def restore(self) -> None:
         previous, self._previous = self._previous, {}
+        if previous:
+            self._restored = previous
         restore_handlers(previous)
 
 
