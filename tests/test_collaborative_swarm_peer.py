@@ -140,3 +140,30 @@ def test_bf16_true_precision_is_refused_before_joining(tokenizer_dir, tmp_path):
     with pytest.raises(UserError, match=r"trainer\.precision: bf16-true .*bf16-mixed"):
         trainer.fit(model, train_dataloaders=torch.utils.data.DataLoader(data))
     assert strategy.dht is None  # refused before anything started
+
+
+def test_a_non_finite_averaged_gradient_is_skipped_before_clipping_and_stepping(capsys):
+    """One NaN in the swarm's averaged gradient: clipping would spread it to every weight, the step to the
+    parameters (sent to the other peers by the next state round). The rebuilt optimizer skips that step."""
+    from convmodel.collaborative.optimizer_rebuild import rebuild_optimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    factory, groups = rebuild_optimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), clip_val=1.0,
+                                        clip_algorithm="norm")
+    inner = factory(groups)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(inner, lambda epoch: 1.0)  # hivemind's schedule wraps step too
+    params = [p for g in inner.param_groups for p in g["params"]]
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    params[0].grad[0, 0] = float("nan")
+    inner.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert "non-finite averaged gradient" in capsys.readouterr().err
+    for p in params:  # a finite gradient steps, clipped to norm 1
+        p.grad = torch.full_like(p, 10.0)
+    inner.step()
+    scheduler.step()
+    assert all(torch.isfinite(p).all() and not torch.equal(p, b) for p, b in zip(params, before))
+    assert abs(float(torch.cat([p.grad.reshape(-1) for p in params]).norm()) - 1.0) < 1e-4

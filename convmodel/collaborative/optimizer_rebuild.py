@@ -7,6 +7,8 @@ steps the schedule once per collaborative epoch.
 """
 
 import inspect
+import sys
+import types
 
 import torch
 
@@ -16,8 +18,8 @@ from convmodel.errors import UserError
 def rebuild_optimizer(module_optimizer: torch.optim.Optimizer, clip_val: float | None, clip_algorithm: str):
     """A factory that builds the module's optimizer again on the tensors hivemind gives it, and its groups.
 
-    Keeps the peak lr (before the schedule scaled it). Clipping is a step pre-hook on the rebuilt
-    optimizer, so it applies to the swarm's averaged gradient once per collaborative epoch.
+    Keeps the peak lr (before the schedule scaled it). Each step of the rebuilt optimizer first
+    checks the swarm's averaged gradient (guard_steps), then clips it, once per collaborative epoch.
     """
     cls = type(module_optimizer)
     accepted = inspect.signature(cls.__init__).parameters
@@ -30,22 +32,35 @@ def rebuild_optimizer(module_optimizer: torch.optim.Optimizer, clip_val: float |
 
     def factory(param_groups):
         optimizer = cls(param_groups, **kwargs)
-        if clip_val:
-            optimizer.register_step_pre_hook(_clip_hook(float(clip_val), clip_algorithm))
+        guard_steps(optimizer, float(clip_val) if clip_val else None, clip_algorithm)
         return optimizer
 
     return factory, groups
 
 
-def _clip_hook(clip_val: float, algorithm: str):
-    def clip(optimizer, args, kwargs):
-        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        if algorithm == "value":
-            torch.nn.utils.clip_grad_value_(params, clip_val)
-        else:
-            torch.nn.utils.clip_grad_norm_(params, clip_val)
+def guard_steps(optimizer: torch.optim.Optimizer, clip_val: float | None, clip_algorithm: str) -> None:
+    """Make `optimizer.step` skip a non-finite gradient, and clip the others.
 
-    return clip
+    The gradient here is the swarm's average, which a NaN or inf from any peer poisons; the
+    check must come before clipping (one NaN makes a clipped gradient all NaN) and before the
+    step (with delayed state averaging the new parameters are sent before anyone looks at them).
+    Every peer averages the same gradient, so every peer skips the same epoch.
+    """
+    step = optimizer.step
+
+    def guarded_step(self, closure=None):
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not all(bool(torch.isfinite(p.grad).all()) for p in params):
+            print("[convmodel] non-finite averaged gradient: skipped this collaborative step's optimizer "
+                  "step (every peer skips it)", file=sys.stderr, flush=True)
+            return None
+        if clip_val and clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, clip_val)
+        elif clip_val:
+            torch.nn.utils.clip_grad_norm_(params, clip_val)
+        return step(closure)
+
+    optimizer.step = types.MethodType(guarded_step, optimizer)  # bound: LR schedulers wrap step.__func__
 
 
 def rebuild_scheduler(scheduler):
