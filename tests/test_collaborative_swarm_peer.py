@@ -167,3 +167,55 @@ def test_a_non_finite_averaged_gradient_is_skipped_before_clipping_and_stepping(
     scheduler.step()
     assert all(torch.isfinite(p).all() and not torch.equal(p, b) for p, b in zip(params, before))
     assert abs(float(torch.cat([p.grad.reshape(-1) for p in params]).norm()) - 1.0) < 1e-4
+
+
+@pytest.mark.timeout(120)
+def test_a_checkpoint_waits_for_the_delayed_optimizer_step():
+    """delay_optimizer_step: a checkpoint taken while hivemind's background step runs must hold its result."""
+    import threading
+
+    import pytorch_lightning as pl
+
+    from convmodel.collaborative import HivemindStrategy
+
+    entered, release = threading.Event(), threading.Event()
+
+    class HeldAdamW(torch.optim.AdamW):
+        """AdamW whose steps (hivemind rebuilds it from its class) wait until the test lets them go."""
+
+        def step(self, closure=None):
+            if self.state:  # not hivemind's initial zero-gradient step
+                entered.set()
+                release.wait()
+            return super().step(closure)
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(64, 64)
+
+    strategy = HivemindStrategy(run_id="ckpt_test", target_batch_size=4, offload_optimizer=True,
+                                delay_optimizer_step=True, **LOOPBACK)
+    module = Module()
+    strategy.connect(module)
+    peer = strategy.peer
+    peer.join(HeldAdamW(module.parameters(), lr=1e-2))
+    try:
+        peer.report.start(peer.optimizer, peer.dht, peer._signer, 10.0)
+        before = module.layer.weight.detach().clone()
+        for _ in range(100):  # a collaborative epoch starts the background step, which then holds
+            module.layer.weight.grad = torch.ones_like(module.layer.weight)
+            module.layer.bias.grad = torch.ones_like(module.layer.bias)
+            peer.step(4)
+            if entered.is_set():
+                break
+        assert entered.is_set()
+        saved = {}
+        saver = threading.Thread(target=lambda: saved.update(strategy.lightning_module_state_dict()))
+        saver.start()
+        release.set()
+        saver.join(60)
+        assert not torch.equal(saved["layer.weight"], before)  # the step's result, not the parameters before it
+    finally:
+        release.set()
+        peer.leave()

@@ -245,6 +245,13 @@ class HivemindStrategy(SingleDeviceStrategy):
             trainer.should_stop = True
         return closure_result
 
+    @override
+    def lightning_module_state_dict(self) -> dict:
+        # a checkpoint starts here (parameters, then optimizer state): let hivemind's background step
+        # finish and land first, so that it neither reads state being written nor misses the step
+        self.peer.finish_delayed_updates()
+        return super().lightning_module_state_dict()
+
     # ---- leaving -----------------------------------------------------------------------------------
 
     @override
