@@ -132,11 +132,11 @@ def test_two_peers_train_with_the_production_options(shards, tokenizer_dir, tmp_
         output = peer.output()
         training = output.split(f"collaborative epoch {LAST_EPOCH} (")[0]
         # nothing failed in our code or Lightning's. hivemind logs a traceback for a round that formed no
-        # group; on this 2-core machine, shared with other test runs (load average 4-6), up to 3 of the 20
-        # rounds formed no group or lost parts in one run, none in others
+        # group; on this 2-core machine, shared with other test runs (load average 3-6), up to 2 of the 20
+        # rounds formed no group (around the first state round) or lost parts in a run, none in others
         assert not re.search(r'File "[^"]*/(convmodel|pytorch_lightning)/', training), training[-4000:]
-        for problem in ("Reducer: received", "Averaging step failed"):
-            assert training.count(problem) <= 3, training[-4000:]
+        for problem in (r"Reducer: received", r"\[ERROR\].*Averaging step failed"):
+            assert len(re.findall(problem, training)) <= 3, training[-4000:]
         # the collaborative epochs change the parameters. Not the first one: the first peer's step from epoch
         # 0 has lr 0 (the warmup starts there) and the joiner's first epoch follows the swarm's. And a peer
         # that found itself an epoch behind around the join catches up without a step of its own (hivemind
