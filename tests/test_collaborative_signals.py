@@ -71,6 +71,8 @@ def test_ctrl_c_after_fit_returns_stops_the_program(shards, tokenizer_dir, capsy
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                       limit_val_batches=0)
     before = signal.getsignal(signal.SIGINT)
+    # as in a fresh program (hivemind peers started by earlier tests set SIGINT to "ignore" in this process)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         trainer.fit(model, datamodule=data)
         capsys.readouterr()

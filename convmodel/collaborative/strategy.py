@@ -247,9 +247,11 @@ class HivemindStrategy(SingleDeviceStrategy):
 
     @override
     def lightning_module_state_dict(self) -> dict:
-        # a checkpoint starts here (parameters, then optimizer state): let hivemind's background step
-        # finish and land first, so that it neither reads state being written nor misses the step
-        self.peer.finish_delayed_updates()
+        # a checkpoint starts here (parameters, then optimizer state): let hivemind's background optimizer
+        # step finish and land first, so that it neither reads state being written nor misses the step.
+        # Delayed state averaging alone writes only the averager's own buffers: no wait for it here
+        if self.options.delay_optimizer_step:
+            self.peer.finish_delayed_updates()
         return super().lightning_module_state_dict()
 
     # ---- leaving -----------------------------------------------------------------------------------
