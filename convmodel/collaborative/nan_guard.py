@@ -16,12 +16,19 @@ def main_params(opt) -> list[torch.Tensor]:
     return list(opt.state_averager.main_parameters)
 
 
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """One device sync for the lot, not one per tensor (a GPU model has hundreds)."""
+    if not tensors:
+        return True
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
 def params_finite(opt) -> bool:
-    return all(torch.isfinite(p).all() for p in main_params(opt))
+    return all_finite(main_params(opt))
 
 
 def grads_finite(opt) -> bool:
-    return all(p.grad is None or torch.isfinite(p.grad).all() for p in main_params(opt))
+    return all_finite([p.grad for p in main_params(opt) if p.grad is not None])
 
 
 class NanGuard:
@@ -58,7 +65,7 @@ class NanGuard:
             return
         self._backup = {
             "epoch": opt.local_epoch,
-            "params": [p.detach().clone() for p in main_params(opt)],
+            "params": [p.detach().to("cpu", copy=True) for p in main_params(opt)],  # not in accelerator memory
             "optimizer": copy.deepcopy(opt.opt.state_dict()),
         }
 
