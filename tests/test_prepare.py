@@ -368,3 +368,19 @@ def test_file_patterns_one_rule_for_every_tool(tmp_path, monkeypatch):
         expand_file_patterns("--input", str(tmp_path / "sub"))
     with pytest.raises(UserError, match="--input is empty"):
         expand_file_patterns("--input", " , ")
+
+
+@pytest.mark.timeout(60)
+def test_a_failing_pool_stops_when_the_host_process_handles_sigterm(tmp_path, tokenizer_dir):
+    """In a process whose SIGTERM handler only sets a flag (a trainer's), the workers still stop."""
+    import signal
+
+    (tmp_path / "a.txt").write_text("Kato mira.\n\nSu lo pe.\n", encoding="utf-8")
+    (tmp_path / "b.txt").write_bytes(b"Kato mira.\n\nvo \xff\xfe xu.\n")
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        with pytest.raises(UserError, match=r"b\.txt:3: not valid UTF-8"):
+            prepare_train_data(str(tmp_path / "*.txt"), tokenizer_dir, str(tmp_path / "out"), "mlm", 32,
+                               num_workers=2, chunk_bytes=1, progress=False)
+    finally:
+        signal.signal(signal.SIGTERM, previous)

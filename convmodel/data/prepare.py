@@ -18,6 +18,7 @@ import glob
 import json
 import os
 import random
+import signal
 from dataclasses import dataclass, field
 
 from convmodel.data.manifest import MANIFEST, Manifest, ShardCount, tokenizer_fingerprint, write_manifest
@@ -166,6 +167,12 @@ def _init_worker(tokenizer_path: str, objective: str, max_seq_len: int, seed: in
     """Load the tokenizer once per worker process (the parent passes its own when it does the work)."""
     if in_pool:  # the processes are the parallelism; a thread pool in each would oversubscribe the cores
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        # A forked worker inherits the parent's Python signal handlers. One that only sets a flag
+        # (Lightning's, a trainer's Ctrl-C handler in the same process) made pool.terminate()'s
+        # SIGTERM a no-op: the worker went back to waiting for work and the join never returned.
+        # Ctrl-C is the parent's to handle; it terminates the pool.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     if tokenizer is None:
         from convmodel.tokenization import load_tokenizer
 
@@ -234,13 +241,25 @@ class ShardWriter:
 def _start_pool(workers: int, init_args: tuple):
     """Worker processes, each with its own tokenizer.
 
-    fork where the OS has it: workers start with transformers already imported (spawn pays
-    seconds per worker to import it again). They use no torch and none of the parent's threads.
+    fork where the OS has it and this process runs no other thread: workers start with
+    transformers already imported (spawn pays seconds per worker to import it again). With other
+    threads (a host process: hivemind's, a test runner's) a forked child can inherit a lock one of
+    them held and wait on it forever, so those hosts get spawn. The workers are started with
+    SIGTERM at its default, so that pool.terminate() stops them even when the host's own handler
+    only sets a flag (a child stuck before its initializer keeps the handler it was born with).
     """
     import multiprocessing
+    import threading
 
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    return multiprocessing.get_context(method).Pool(workers, initializer=_init_worker, initargs=init_args)
+    fork = "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1
+    context = multiprocessing.get_context("fork" if fork else "spawn")
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL) if in_main_thread else None
+    try:
+        return context.Pool(workers, initializer=_init_worker, initargs=init_args)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _check_options(objective: str, max_seq_len: int, shard_size: int, num_workers: int | None, short_seq_prob: float,
