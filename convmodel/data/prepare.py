@@ -21,14 +21,14 @@ import random
 import signal
 from dataclasses import dataclass, field
 
-from convmodel.data.manifest import MANIFEST, Manifest, ShardCount, tokenizer_fingerprint, write_manifest
+from convmodel.data.manifest import MANIFEST, Manifest, tokenizer_fingerprint, write_manifest
 from convmodel.data.records import DocumentPacker, sop_records
+from convmodel.data.shard_writer import ShardWriter, write_packed
 from convmodel.errors import UserError
 from convmodel.file_patterns import expand_file_patterns
 from convmodel.special_ids import SpecialIds, special_ids_of
 
 OBJECTIVES = ("mlm", "sop", "clm")
-SHARD_PATTERN = "part-{:05d}.jsonl"
 CHUNK_BYTES = 4 << 20
 # How far past a chunk's nominal end we look for a blank line before cutting at a plain line end.
 BOUNDARY_SEARCH_BYTES = 1 << 20
@@ -200,44 +200,6 @@ def process_chunk(chunk: Chunk) -> ChunkResult:
 # --- parent side -------------------------------------------------------------------------------
 
 
-class ShardWriter:
-    """Writes JSON lines into part-00000.jsonl, part-00001.jsonl, ... `shard_size` lines each,
-    counting the records and tokens of each shard for the manifest."""
-
-    def __init__(self, output_dir: str, shard_size: int):
-        self.output_dir = output_dir
-        self.shard_size = shard_size
-        self.paths: list[str] = []
-        self.counts: list[ShardCount] = []  # bytes filled in by close()
-        self._file = None
-
-    def write(self, line: str, tokens: int) -> None:
-        if self._file is None or self.counts[-1].records == self.shard_size:
-            self._next_shard()
-        self._file.write(line + "\n")
-        self.counts[-1].records += 1
-        self.counts[-1].tokens += tokens
-
-    def _next_shard(self) -> None:
-        self.close()
-        name = SHARD_PATTERN.format(len(self.paths))
-        self.paths.append(os.path.join(self.output_dir, name))
-        self.counts.append(ShardCount(file=name, records=0, tokens=0, bytes=0))
-        self._file = open(self.paths[-1], "w", encoding="utf-8")
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-            self.counts[-1].bytes = os.path.getsize(self.paths[-1])
-
-    def remove(self) -> None:
-        self.close()
-        for path in self.paths:
-            if os.path.exists(path):
-                os.remove(path)
-
-
 def _start_pool(workers: int, init_args: tuple):
     """Worker processes, each with its own tokenizer.
 
@@ -361,11 +323,11 @@ def prepare_train_data(
             for line, tokens in zip(result.lines, result.line_tokens):
                 writer.write(line, tokens)
             for document in result.documents:
-                _write_packed(writer, packer.add(document))
+                write_packed(writer, packer.add(document))
             summary.swapped += result.swapped
             bar.update(result.nbytes)
         if packer is not None:
-            _write_packed(writer, packer.finish())
+            write_packed(writer, packer.finish())
         writer.close()
         if not writer.paths:
             raise UserError(f"--input {', '.join(files)}: the text gave no {objective} record"
@@ -381,11 +343,6 @@ def prepare_train_data(
     manifest.shards = writer.counts
     write_manifest(output_dir, manifest)
     return summary
-
-
-def _write_packed(writer: ShardWriter, records) -> None:
-    for input_ids in records:
-        writer.write(json.dumps({"input_ids": input_ids}, separators=(",", ":")), len(input_ids))
 
 
 def format_summary(summary: Summary) -> str:
