@@ -47,7 +47,10 @@ class SwarmPeer:
         validators (the monitor counts rejections).
         """
         from convmodel.collaborative.dht import announce_addresses, metrics_key, start_dht
+        from convmodel.collaborative.exit_noise import ignore_closed_loop_in_mpfuture_del
         from convmodel.collaborative.metrics import metrics_validators
+
+        ignore_closed_loop_in_mpfuture_del()
 
         options = self.options
         addresses = options.check()
