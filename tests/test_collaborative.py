@@ -252,9 +252,12 @@ def test_two_peers_from_the_cli_train_in_lockstep_and_end_with_equal_parameters(
     synced_at = next(i for i, (_, peers) in enumerate(epochs) if peers == 2)
     in_step = [e for e, _ in epochs[synced_at:]]
     assert in_step == list(range(in_step[0], LAST_EPOCH + 1)) and len(in_step) >= 3, second.output()[-3000:]
-    # no averaging round lost a part; at most the round during the join failed to form a group
+    # after the joiner's first round no averaging round lost a part, and at most one failed to form a group.
+    # The first round may lose one: the joiner's first backward after the download is its slowest step, and
+    # on a loaded machine (CI: one such run in about ten) its part came after next_chunk_timeout
     for peer in (first, second):
-        assert "of input tensors" not in peer.output()
+        after_join = peer.output().split(f"collaborative epoch {joined + 1} (", 1)[-1]
+        assert "of input tensors" not in after_join, after_join[-3000:]
         assert len(re.findall(r"\[ERROR\].*Averaging step failed", peer.output())) <= 1, peer.output()[-3000:]
     # after the last round the parameters are equal within the fp16 error of the averaged gradients
     first_params, second_params = (c["state_dict"] for c in ckpts)
