@@ -37,27 +37,34 @@ def shards(text_corpus, tokenizer_dir, tmp_path_factory) -> Path:
     return root
 
 
-def peer_args(shards: Path, tokenizer_dir: str, **strategy) -> list[str]:
-    """The shipped collaborative config with a tiny model, our shards and per-peer strategy options."""
-    args = ["--config", str(CONFIG),
+def collaborative_run_args(config: Path, model_config: dict, shards: Path, tokenizer_dir: str,
+                           callbacks: list[dict] = (), **strategy) -> list[str]:
+    """A shipped collaborative config at test size: `model_config` for the model, our shards, no validation
+    until the end, a checkpoint every step, `callbacks` after it, and per-peer strategy options."""
+    args = ["--config", str(config),
             "--data.tokenizer", tokenizer_dir,
             "--data.train_files", str(shards / "train" / "part-*.jsonl"),
             "--data.val_files", str(shards / "valid" / "part-*.jsonl"), "--data.test_files", "null",
             "--data.max_seq_len", "64", "--data.batch_size", "8", "--data.shuffle_buffer_size", "100",
-            "--model.init_args.config", json.dumps(TINY_BERT), "--model.init_args.warmup_steps", "2",
+            "--model.init_args.config", json.dumps(model_config), "--model.init_args.warmup_steps", "2",
             "--model.init_args.total_steps", "50",
-            "--trainer.max_steps", "3000", "--trainer.val_check_interval", "1000000",
-            "--trainer.limit_val_batches", "2", "--trainer.num_sanity_val_steps", "0",
-            "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
-            "--trainer.enable_model_summary", "false",
+            "--trainer.val_check_interval", "1000000", "--trainer.limit_val_batches", "2",
+            "--trainer.num_sanity_val_steps", "0", "--trainer.log_every_n_steps", "1",
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
             "--trainer.logger.init_args.save_dir", "runs",
-            "--trainer.callbacks", json.dumps([{
-                "class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
-                "init_args": {"dirpath": "checkpoints", "save_last": True, "every_n_train_steps": 1,
-                              "save_top_k": 0}}])]
+            "--trainer.callbacks", json.dumps([
+                {"class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
+                 "init_args": {"dirpath": "checkpoints", "save_last": True, "every_n_train_steps": 1,
+                               "save_top_k": 0}},
+                *callbacks])]
     for name, value in strategy.items():
         args += [STRATEGY + name, value if isinstance(value, str) else json.dumps(value)]
     return args
+
+
+def peer_args(shards: Path, tokenizer_dir: str, **strategy) -> list[str]:
+    """The shipped collaborative config with a tiny model, our shards and per-peer strategy options."""
+    return [*collaborative_run_args(CONFIG, TINY_BERT, shards, tokenizer_dir, **strategy), "--trainer.max_steps", "3000"]
 
 
 class Peer:

@@ -22,6 +22,7 @@ from test_collaborative import (  # noqa: E402, F401
     STARTUP_S,
     Peer,
     checkpoint,
+    collaborative_run_args,
     shards,
     validation_loss,
     wait_for_file,
@@ -37,7 +38,6 @@ LAST_EPOCH = 20  # four state rounds (average_state_every: 5)
 # epoch from then on, each round waiting next_chunk_timeout (2 s, or 5 s when raised to 5). A hivemind
 # problem not solved yet; the shipped config keeps the xlarge run's setting.
 OVERRIDES = {"delay_grad_averaging": False}
-STRATEGY = "--trainer.strategy.init_args."
 
 PROBE = '''
 import hashlib, json, os, time
@@ -77,26 +77,9 @@ class EpochProbe(Callback):
 def production_args(shards: Path, tokenizer_dir: str, hold_until: str | None = None,  # noqa: F811
                     **strategy) -> list[str]:
     """The shipped tiny production config with a smaller model, our shards, a checkpoint every step, the probe."""
-    args = ["--config", str(CONFIG),
-            "--data.tokenizer", tokenizer_dir,
-            "--data.train_files", str(shards / "train" / "part-*.jsonl"),
-            "--data.val_files", str(shards / "valid" / "part-*.jsonl"), "--data.test_files", "null",
-            "--data.max_seq_len", "64", "--data.batch_size", "8", "--data.shuffle_buffer_size", "100",
-            "--model.init_args.config", json.dumps(TINY_ALBERT), "--model.init_args.warmup_steps", "2",
-            "--model.init_args.total_steps", "50",
-            "--trainer.val_check_interval", "1000000", "--trainer.limit_val_batches", "2",
-            "--trainer.num_sanity_val_steps", "0", "--trainer.log_every_n_steps", "1",
-            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-            "--trainer.logger.init_args.save_dir", "runs",
-            "--trainer.callbacks", json.dumps([
-                {"class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
-                 "init_args": {"dirpath": "checkpoints", "save_last": True, "every_n_train_steps": 1,
-                               "save_top_k": 0}},
-                {"class_path": "epoch_probe.EpochProbe", "init_args": {"path": "probe.jsonl", "hold_until": hold_until}}]),
-            STRATEGY + "max_collaborative_epochs", str(LAST_EPOCH), STRATEGY + "peers_file", "peers.txt"]
-    for name, value in strategy.items():
-        args += [STRATEGY + name, value if isinstance(value, str) else json.dumps(value)]
-    return args
+    probe = {"class_path": "epoch_probe.EpochProbe", "init_args": {"path": "probe.jsonl", "hold_until": hold_until}}
+    return collaborative_run_args(CONFIG, TINY_ALBERT, shards, tokenizer_dir, callbacks=[probe],
+                                  **{"max_collaborative_epochs": LAST_EPOCH, "peers_file": "peers.txt", **strategy})
 
 
 def probe_records(peer: Peer) -> list[dict]:
