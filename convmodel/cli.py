@@ -94,6 +94,17 @@ class ConvmodelCLI(LightningCLI):
             "--overwrite_checkpoints", type=bool, default=False,
             help="fit without --ckpt_path into a checkpoint folder that holds an earlier run's checkpoints: "
                  "delete them and start a new run there (otherwise that is refused)")
+        parser.add_argument(
+            "--peer_dir", type=str | None, default=None,
+            help="another peer of the config's swarm, started in the same folder: its logs, checkpoints and "
+                 "peers.txt go to this folder, and fit joins the address in the config's peers_file "
+                 "(the first peer's) unless initial_peers is given (convmodel.peer_dir)")
+
+    def before_instantiate_classes(self) -> None:
+        from convmodel.peer_dir import apply_peer_dir
+
+        subcommand = self.config.get("subcommand")
+        apply_peer_dir(self.config[subcommand] if subcommand else self.config, subcommand)
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI torch.loads a --ckpt_path file here, before any hook, to read saved
