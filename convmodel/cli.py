@@ -11,6 +11,8 @@ it), a resume says where it starts (a finished run: "nothing to do", exit 0) and
 linear schedule is an error instead of steps at learning rate 0, fit ends with a
 summary (convmodel.fit_summary), and Ctrl-C/SIGTERM save last.ckpt and print the resume
 command (convmodel.run_checkpoint), exiting 130/143 like a process stopped by that signal.
+`--peer_dir DIR` turns a swarm config's first peer into another peer with its own files
+(convmodel.peer_dir), applied to the parsed config before any class is built.
 """
 
 import os

@@ -5,6 +5,7 @@ The config-level tests run the CLI's own parser and the `--peer_dir` hook on the
 folder, the first as the config's header prints it, the others with `--peer_dir` only.
 """
 
+import json
 import os
 import re
 import shlex
@@ -218,9 +219,33 @@ def shared_args(shards: Path, tokenizer_dir: str, **strategy) -> list[str]:  # n
     return kept
 
 
-LAST_EPOCH = 12
+HOLD = '''
+import os, time
+from pytorch_lightning import Callback
+
+class HoldAtFirstEpoch(Callback):
+    """From collaborative epoch 1 on, wait until `go` exists, having said so in <logger save_dir>/holding.
+
+    The test writes `go` once every peer holds, so that the three train together instead of one
+    finishing the run alone while the others start. The marker sits in each peer's own folder.
+    """
+
+    def __init__(self, go: str):
+        self.go = go
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        opt = trainer.strategy.hivemind_optimizer
+        if self.go is None or opt is None or opt.local_epoch < 1:
+            return
+        open(os.path.join(trainer.logger.save_dir, "holding"), "w").write(str(opt.local_epoch))
+        while not os.path.exists(self.go):
+            time.sleep(0.1)
+        self.go = None
+'''
+LAST_EPOCH = 6
 SWARM = dict(target_batch_size=128, max_collaborative_epochs=LAST_EPOCH, matchmaking_time=1.0,
              averaging_timeout=20.0, next_chunk_timeout=5.0)
+FOLDERS = ("bert-tiny-swarm", "bert-tiny-peer2", "bert-tiny-peer3")  # the first peer's (the config's), then ours
 
 
 class ResumeOnly(ConvmodelCLI):
@@ -233,18 +258,26 @@ class ResumeOnly(ConvmodelCLI):
 @pytest.mark.timeout(400)
 def test_second_and_third_peer_join_with_one_option(shards, tokenizer_dir, tmp_path, monkeypatch,  # noqa: F811
                                                     capsys):
-    common = shared_args(shards, tokenizer_dir, **SWARM)
+    (tmp_path / "hold.py").write_text(HOLD)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    go = tmp_path / "go"
+    # every peer gets the same overrides: tiny sizes, and the hold (added to the config's RunCheckpoint)
+    common = [*shared_args(shards, tokenizer_dir, **SWARM), "--trainer.callbacks+",
+              json.dumps({"class_path": "hold.HoldAtFirstEpoch", "init_args": {"go": str(go)}})]
+    folders = [tmp_path / "runs" / name for name in FOLDERS]
     peers = []
     try:
-        # the first peer as the header starts it (its batches of 2 samples slow it down, so that it does not
-        # reach the last epoch alone while the others start)
-        first = PeerInFolder(tmp_path, "first", [*common, "--data.batch_size", "2"])
+        # the first peer as the header starts it; the others, in the same folder, with --peer_dir only
+        first = PeerInFolder(tmp_path, "first", common)
         peers.append(first)
         wait_for_file(tmp_path / FIRST_PEERS_FILE, first, STARTUP_S)
         for n in (2, 3):
             peers.append(PeerInFolder(tmp_path, f"peer{n}", [*common, "--peer_dir", f"runs/bert-tiny-peer{n}"]))
         for peer in peers[1:]:
             peer.wait_for(r"joined run 'bert_tiny' at collaborative epoch \d+", STARTUP_S)
+        for peer, folder in zip(peers, folders):
+            wait_for_file(folder / "holding", peer, 60)
+        go.write_text("")
         for peer in peers:
             assert peer.wait_exit(240) == 0, peer.output()[-4000:]
     finally:
@@ -252,7 +285,6 @@ def test_second_and_third_peer_join_with_one_option(shards, tokenizer_dir, tmp_p
             peer.kill()
     outputs = [peer.output() for peer in peers]
     assert any(re.search(r"collaborative epoch \d+ \(3 peers", out) for out in outputs), outputs[-1][-3000:]
-    folders = [tmp_path / "runs" / name for name in ("bert-tiny-swarm", "bert-tiny-peer2", "bert-tiny-peer3")]
     for folder, out in zip(folders, outputs):
         ckpt = torch.load(folder / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
         assert ckpt["optimizer_states"][0]["state"]["local_epoch"] == LAST_EPOCH
@@ -262,6 +294,7 @@ def test_second_and_third_peer_join_with_one_option(shards, tokenizer_dir, tmp_p
         resume = shlex.split(re.search(r"^  resume: +(.*)$", out, re.M).group(1))
         assert ("--peer_dir" in resume) == (folder.name != "bert-tiny-swarm"), resume
         monkeypatch.chdir(tmp_path)
+        monkeypatch.syspath_prepend(str(tmp_path))  # hold.py, for the callback in the command
         capsys.readouterr()
         ResumeOnly(args=resume[resume.index("fit"):])
         resumed = capsys.readouterr().out
