@@ -29,9 +29,14 @@ def fit_summary(trainer, checkpoint: str | None, test_command: list[str], resume
     lines = []
     max_steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
     step = trainer.global_step
-    done = max_steps is None or step >= max_steps
-    lines.append(f"[convmodel] fit {'finished' if done else 'stopped'} at step {step}"
-                 + (f" of {max_steps}" if max_steps else ""))
+    # a strategy that ends the run itself says where (HivemindStrategy: the swarm's last collaborative epoch)
+    end_reached = getattr(trainer.strategy, "end_reached", None)
+    done = max_steps is None or step >= max_steps or bool(end_reached)
+    if end_reached:
+        lines.append(f"[convmodel] fit finished at step {step}: {end_reached}")
+    else:
+        lines.append(f"[convmodel] fit {'finished' if done else 'stopped'} at step {step}"
+                     + (f" of {max_steps}" if max_steps else ""))
     losses = []
     for name in ("train/loss", "val/loss"):
         value = _metric(trainer, name)

@@ -31,6 +31,15 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 LAST = "last.ckpt"
 
 
+class StopRequested(KeyboardInterrupt):
+    """A first Ctrl-C acted on between two batches, when the state is whole: on_exception saves it.
+
+    Raised by RunCheckpoint's own handler and by a strategy that handles Ctrl-C itself
+    (HivemindStrategy, after its last collaborative step's delayed updates landed); a plain
+    KeyboardInterrupt (a second Ctrl-C) stops at once without saving.
+    """
+
+
 def run_checkpoint_dir(trainer) -> str:
     """`<logger save_dir>/<logger name>/checkpoints`: beside the logger's version_N folders."""
     logger = trainer.loggers[0] if trainer.loggers else None
@@ -184,7 +193,7 @@ class RunCheckpoint(ModelCheckpoint):
     def _stop_if_asked(self) -> None:
         if self._stop_requested:
             self._release_ctrl_c()
-            raise KeyboardInterrupt("Ctrl-C")  # Lightning's interrupt path: on_exception below, then exit
+            raise StopRequested("Ctrl-C")  # Lightning's interrupt path: on_exception below, then exit
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
@@ -201,7 +210,7 @@ class RunCheckpoint(ModelCheckpoint):
             return
         signal_name = "SIGTERM" if isinstance(exception, SIGTERMException) else "Ctrl-C"
         step = trainer.global_step
-        whole = isinstance(exception, SIGTERMException) or self._stop_requested
+        whole = isinstance(exception, SIGTERMException | StopRequested) or self._stop_requested
         if not (self._training and self.save_last) or trainer.sanity_checking:
             print(f"[convmodel] {signal_name} before training started: nothing to save", file=sys.stderr, flush=True)
             return

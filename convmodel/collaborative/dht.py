@@ -123,6 +123,41 @@ def _quiet_dead_sender_errors() -> None:
         dht_logger.addFilter(_DropDeadSenderErrors())
 
 
+def _detach_p2pd_from_the_terminal() -> None:
+    """Before the DHT forks: the p2pd daemon it starts gets a process group of its own, and dies with the DHT.
+
+    A terminal's Ctrl-C goes to every process of its foreground group. The Go daemon handles
+    SIGINT itself even when started with it ignored and exits, and the DHT process then waits for
+    a daemon that is gone ("DHT did not shut down ... the hard way"). In its own group no terminal
+    signal reaches it; PR_SET_PDEATHSIG (Linux) still ends it when the DHT process ends, even by SIGKILL.
+    """
+    import asyncio.subprocess
+
+    spawn = asyncio.subprocess.create_subprocess_exec
+    if getattr(spawn, "convmodel_wrapped", False):
+        return
+
+    async def create_subprocess_exec(program, *args, **kwargs):
+        if os.path.basename(str(program)) == "p2pd" and "preexec_fn" not in kwargs:
+            kwargs["preexec_fn"] = _own_group_dying_with_parent
+        return await spawn(program, *args, **kwargs)
+
+    create_subprocess_exec.convmodel_wrapped = True
+    asyncio.subprocess.create_subprocess_exec = create_subprocess_exec
+
+
+def _own_group_dying_with_parent() -> None:
+    """In the forked child before exec: a new process group, and SIGTERM when the parent process ends."""
+    import ctypes
+    import signal
+
+    os.setpgid(0, 0)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):  # not Linux: the daemon's own idle timeout ends it
+        pass
+
+
 def start_dht(
     initial_peers: list[str],
     host_maddrs: list[str],
@@ -140,12 +175,15 @@ def start_dht(
     """Start a hivemind.DHT, turning "could not reach the initial peers" into one UserError."""
     import hivemind
 
+    from convmodel.collaborative.signals import sigint_ignored
+
     raise_open_files_limit()
     _quiet_dead_sender_errors()
+    _detach_p2pd_from_the_terminal()
     if identity_path:
         os.makedirs(os.path.dirname(os.path.abspath(identity_path)), exist_ok=True)
     try:
-        return hivemind.DHT(
+        dht = hivemind.DHT(
             initial_peers=initial_peers,
             host_maddrs=host_maddrs,
             announce_maddrs=announce_maddrs,
@@ -160,8 +198,12 @@ def start_dht(
             wait_timeout=bootstrap_timeout,
             bootstrap_timeout=bootstrap_timeout,
             startup_timeout=bootstrap_timeout,
-            start=True,
+            start=False,
         )
+        with sigint_ignored():  # the DHT process ignores a terminal's Ctrl-C from its first instruction on
+            dht.start()
+        dht.wait_until_ready()  # bounded by startup_timeout and bootstrap_timeout inside the DHT process
+        return dht
     except Exception as exc:
         if initial_peers and "bootstrap" in str(exc).lower():
             raise UserError(

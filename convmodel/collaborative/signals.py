@@ -7,11 +7,17 @@ inside a hivemind call can leave a lock held that the goodbye then waits on fore
 signal only asks the peer's loop to stop after what it is doing (a clean leave the others notice
 within one matchmaking round); the second restores the previous handlers and raises
 KeyboardInterrupt.
+
+A terminal's Ctrl-C is sent to the whole foreground process group, hivemind's processes included:
+`sigint_ignored` starts them with SIGINT ignored (inherited across fork), and dht.py puts the Go
+p2pd daemon, which handles SIGINT itself whatever it inherits, in a process group of its own.
+Without that the daemon and the DHT died under the trainer, whose goodbye then waited for them.
 """
 
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 
 class StopOnSignal:
@@ -40,6 +46,16 @@ class StopOnSignal:
             self._previous[number] = signal.default_int_handler if (
                 handler is None and number == signal.SIGINT) else handler
             signal.signal(number, self._handle)
+
+    def rearm(self) -> None:
+        """Take the signals back after someone set them aside (Lightning ignores SIGINT while it shuts down).
+
+        The handlers before us stay the ones `restore` puts back; a signal now acts as a second one
+        if the first came already.
+        """
+        if self._previous and threading.current_thread() is threading.main_thread():
+            for number in self._previous:
+                signal.signal(number, self._handle)
 
     def _handle(self, signum, frame) -> None:
         if self._restored is not None:
@@ -73,3 +89,19 @@ def restore_handlers(handlers: dict[int, object]) -> None:
         if handler is not None:
             signal.signal(number, handler)
 
+
+
+@contextmanager
+def sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored in this process while the block starts child processes (they inherit "ignore").
+
+    Main thread only (elsewhere the block runs as it is); the handler before it is put back after.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)

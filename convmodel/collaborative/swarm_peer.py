@@ -198,16 +198,71 @@ class SwarmPeer:
     # ---- leaving -----------------------------------------------------------------------------------
 
     def leave(self) -> None:
-        """Shut the optimizer's averagers, the metrics record and the DHT down (safe to call twice)."""
+        """Say goodbye and shut the averagers, the metrics record and the DHT down (safe to call twice).
+
+        The goodbye runs in a thread that the caller waits for at most `goodbye_limit_s`: hivemind's
+        shutdown waits for the delayed updates without a timeout, and a lock left held by an interrupted
+        hivemind call would make it wait forever. Past the limit, or on a second Ctrl-C
+        (KeyboardInterrupt) while waiting, the processes are stopped at once (`stop_at_once`).
+        """
+        import threading
+
+        opt, dht, report = self.optimizer, self.dht, self.report
+        self.optimizer = self.dht = self.report = None
+        if opt is None and dht is None:
+            return
+        done = threading.Event()
+
+        def goodbye():
+            if opt is not None:
+                try:
+                    opt.shutdown()
+                except Exception as exc:  # a failed goodbye must not hide the run's own outcome
+                    print(f"[convmodel] hivemind optimizer shutdown: {exc!r}", file=sys.stderr)
+            if report is not None:
+                report.close()
+            if dht is not None:
+                dht.shutdown()
+            done.set()
+
+        thread = threading.Thread(target=goodbye, name="convmodel-goodbye", daemon=True)
+        thread.start()
+        try:
+            finished = done.wait(self.goodbye_limit_s)
+        except KeyboardInterrupt:
+            finished = False
+            print("[convmodel] stopping at once (the other peers drop this one when its report expires)",
+                  file=sys.stderr, flush=True)
+        if not finished:
+            if not done.is_set() and thread.is_alive():
+                print(f"[convmodel] the goodbye did not finish within {self.goodbye_limit_s:g} s: stopping at once",
+                      file=sys.stderr, flush=True)
+            _stop_processes(opt, dht)
+
+    @property
+    def goodbye_limit_s(self) -> float:
+        """Longest wait for a clean leave: one averaging round to finish and hivemind's own timeouts (3 s each)."""
+        return self.options.averaging_timeout + 15.0
+
+    def stop_at_once(self) -> None:
+        """Leave without a goodbye (after a second Ctrl-C): end hivemind's processes, wait for nothing."""
         opt, dht = self.optimizer, self.dht
         self.optimizer = self.dht = None
-        if opt is not None:
-            try:
-                opt.shutdown()
-            except Exception as exc:  # a failed goodbye must not hide the run's own outcome
-                print(f"[convmodel] hivemind optimizer shutdown: {exc!r}", file=sys.stderr)
         report, self.report = self.report, None
         if report is not None:
             report.close()
-        if dht is not None:
-            dht.shutdown()
+        _stop_processes(opt, dht)
+
+
+def _stop_processes(opt, dht) -> None:
+    """SIGTERM to the averager and DHT processes (the DHT's p2pd daemon follows it, dht.py); a short join each."""
+    processes = []
+    if opt is not None:
+        processes += [getattr(opt, "state_averager", None), getattr(opt, "grad_averager", None)]
+    processes.append(dht)
+    for process in processes:
+        if process is not None and process.is_alive():
+            process.terminate()
+    for process in processes:
+        if process is not None:
+            process.join(5)

@@ -1,0 +1,120 @@
+"""The end of a swarm run as a user sees it: the shipped tiny production config, two trainer processes.
+
+Each run ends with its final state in last.ckpt and the path printed; Ctrl-C in a terminal (SIGINT to the
+whole process group: the trainer, hivemind's DHT and averager processes and the p2pd daemon) leaves the
+swarm cleanly, and a second Ctrl-C stops at once. The checkpoints are the shipped RunCheckpoint's
+(every 200 local steps, so only the final save can hold the last epoch), not a test's every-step one.
+"""
+
+import json
+import os
+import re
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("hivemind")
+
+from test_collaborative import STARTUP_S, Peer, shards, wait_for_file  # noqa: E402, F401
+from test_collaborative_production import CONFIG, PROBE, TINY_ALBERT  # noqa: E402
+
+STRATEGY = "--trainer.strategy.init_args."
+LAST = Path("runs") / "checkpoints" / "last.ckpt"  # the shipped RunCheckpoint's folder under our logger
+
+
+def swarm_args(shards: Path, tokenizer_dir: str, last_epoch: int, hold_until: str, **strategy) -> list[str]:  # noqa: F811
+    """The shipped config at tiny size with its own RunCheckpoint; the probe holds both peers at epoch 2."""
+    args = ["--config", str(CONFIG),
+            "--data.tokenizer", tokenizer_dir,
+            "--data.train_files", str(shards / "train" / "part-*.jsonl"),
+            "--data.val_files", str(shards / "valid" / "part-*.jsonl"), "--data.test_files", "null",
+            "--data.max_seq_len", "64", "--data.batch_size", "8", "--data.shuffle_buffer_size", "100",
+            "--model.init_args.config", json.dumps(TINY_ALBERT), "--model.init_args.warmup_steps", "2",
+            "--model.init_args.total_steps", "50",
+            "--trainer.val_check_interval", "1000000", "--trainer.limit_val_batches", "2",
+            "--trainer.num_sanity_val_steps", "0", "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false", "--trainer.logger.init_args.save_dir", "runs",
+            "--trainer.callbacks+", json.dumps({"class_path": "epoch_probe.EpochProbe",
+                                                "init_args": {"path": "probe.jsonl", "hold_until": hold_until}}),
+            STRATEGY + "max_collaborative_epochs", str(last_epoch), STRATEGY + "peers_file", "peers.txt"]
+    for name, value in strategy.items():
+        args += [STRATEGY + name, value if isinstance(value, str) else json.dumps(value)]
+    return args
+
+
+def saved_epoch(peer: Peer) -> int:
+    ckpt = torch.load(peer.workdir / LAST, map_location="cpu", weights_only=False)
+    return ckpt["optimizer_states"][0]["state"]["local_epoch"]
+
+
+def start_swarm(shards, tokenizer_dir, tmp_path, last_epoch: int, **strategy) -> tuple[Peer, Peer]:  # noqa: F811
+    """Two peers of the shipped config, both past their hold at epoch 2 (training together from there)."""
+    (tmp_path / "epoch_probe.py").write_text(PROBE)
+    go = str(tmp_path / "go")
+    first = Peer(tmp_path / "first", swarm_args(shards, tokenizer_dir, last_epoch, go, **strategy))
+    address = wait_for_file(tmp_path / "first" / "peers.txt", first, STARTUP_S).split()[0]
+    second = Peer(tmp_path / "second", swarm_args(shards, tokenizer_dir, last_epoch, go, initial_peers=[address],
+                                                  **strategy))
+    for peer in (first, second):
+        wait_for_file(peer.workdir / "probe.jsonl.holding", peer, STARTUP_S)
+    Path(go).write_text("")
+    return first, second
+
+
+@pytest.fixture
+def probe_on_path(tmp_path, monkeypatch):
+    from test_collaborative import REPO
+
+    monkeypatch.setenv("PYTHONPATH", ":".join(filter(None, [str(tmp_path), str(REPO),
+                                                            os.environ.get("PYTHONPATH")])))
+
+
+@pytest.mark.timeout(420)
+def test_every_swarm_run_ends_with_its_final_state_saved_and_printed(shards, tokenizer_dir, tmp_path,  # noqa: F811
+                                                                     probe_on_path):
+    last_epoch = 8
+    first = second = None
+    try:
+        first, second = start_swarm(shards, tokenizer_dir, tmp_path, last_epoch)
+        statuses = [peer.wait_exit(300) for peer in (second, first)]
+    finally:
+        for peer in (first, second):
+            if peer is not None:
+                peer.kill()
+    for peer, status in zip((second, first), statuses, strict=True):
+        output = peer.output()
+        assert status == 0, output[-4000:]
+        assert saved_epoch(peer) == last_epoch, output[-4000:]
+        summary = output.split("[convmodel] fit finished")[-1]
+        assert "[convmodel] fit finished" in output and f"checkpoint:  {LAST}" in summary, output[-4000:]
+        assert "Traceback" not in output.split(f"collaborative epoch {last_epoch} (")[-1], output[-4000:]
+
+
+@pytest.mark.timeout(420)
+def test_ctrl_c_in_a_terminal_leaves_the_swarm_and_saves(shards, tokenizer_dir, tmp_path, probe_on_path):  # noqa: F811
+    """SIGINT to the whole process group, as a terminal's Ctrl-C: hivemind's processes must not die under the
+    trainer, which says it leaves, saves, prints how to resume and exits 130; the other peer trains on."""
+    first = second = None
+    try:
+        first, second = start_swarm(shards, tokenizer_dir, tmp_path, 10_000)
+        second.wait_for(r"collaborative epoch 4 \(2 peers", 120)
+        os.killpg(second.process.pid, signal.SIGINT)
+        second.wait_for(r"Ctrl-C: leaving the swarm after this step", 60)
+        status = second.wait_exit(120)
+        epoch = max(int(e) for e in re.findall(r"collaborative epoch (\d+) \(", first.output()))
+        first.wait_for(rf"collaborative epoch {epoch + 3} \(", 120)  # the other peer keeps training
+    finally:
+        for peer in (first, second):
+            if peer is not None:
+                peer.kill()
+    output = second.output()
+    goodbye = output.split("Ctrl-C: leaving the swarm")[-1]
+    assert status == 130, output[-4000:]
+    assert "resume with:" in goodbye and str(LAST) in goodbye, output[-4000:]
+    # no traceback through our code, Lightning's or the top level (hivemind logs one for a round that formed
+    # no group, as it does while training), and no hivemind process died under the trainer
+    assert not re.search(r'File "[^"]*/(convmodel|pytorch_lightning|trainer)/', goodbye), goodbye[-4000:]
+    assert "the hard way" not in goodbye and "KeyboardInterrupt" not in goodbye.split("Detected")[0], goodbye[-4000:]
+    assert (second.workdir / LAST).is_file()
