@@ -99,7 +99,7 @@ def test_ctrl_c_in_a_terminal_leaves_the_swarm_and_saves(shards, tokenizer_dir, 
     first = second = None
     try:
         first, second = start_swarm(shards, tokenizer_dir, tmp_path, 10_000)
-        second.wait_for(r"collaborative epoch 4 \(2 peers", 120)
+        second.wait_for(r"collaborative epoch \d+ \(2 peers", 120)  # training together
         os.killpg(second.process.pid, signal.SIGINT)
         second.wait_for(r"Ctrl-C: leaving the swarm after this step", 60)
         status = second.wait_exit(120)
