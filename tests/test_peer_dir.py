@@ -244,14 +244,17 @@ class HoldAtFirstEpoch(Callback):
 '''
 LAST_EPOCH = 6
 SWARM = dict(target_batch_size=128, max_collaborative_epochs=LAST_EPOCH, matchmaking_time=1.0,
-             averaging_timeout=20.0, next_chunk_timeout=5.0)
+             averaging_timeout=10.0, next_chunk_timeout=5.0)  # a round that waits for a lagging peer: 10 s at most
 FOLDERS = ("bert-tiny-swarm", "bert-tiny-peer2", "bert-tiny-peer3")  # the first peer's (the config's), then ours
 
 
-class ResumeOnly(ConvmodelCLI):
-    """The real CLI, everything but the training: it finds and checks the checkpoint it would resume."""
+class CheckpointOnly(ConvmodelCLI):
+    """The real CLI, everything but the training or testing: it finds and checks the checkpoint it would load."""
 
     def fit(self, model, **kwargs) -> None:
+        pass
+
+    def test(self, model, **kwargs) -> None:
         pass
 
 
@@ -273,7 +276,7 @@ def test_second_and_third_peer_join_with_one_option(shards, tokenizer_dir, tmp_p
         wait_for_file(tmp_path / FIRST_PEERS_FILE, first, STARTUP_S)
         for n in (2, 3):
             peers.append(PeerInFolder(tmp_path, f"peer{n}", [*common, "--peer_dir", f"runs/bert-tiny-peer{n}"]))
-        for peer in peers[1:]:
+        for peer in peers[1:]:  # each found the first peer through its peers.txt and took the swarm's state
             peer.wait_for(r"joined run 'bert_tiny' at collaborative epoch \d+", STARTUP_S)
         for peer, folder in zip(peers, folders):
             wait_for_file(folder / "holding", peer, 60)
@@ -284,18 +287,22 @@ def test_second_and_third_peer_join_with_one_option(shards, tokenizer_dir, tmp_p
         for peer in peers:
             peer.kill()
     outputs = [peer.output() for peer in peers]
-    assert any(re.search(r"collaborative epoch \d+ \(3 peers", out) for out in outputs), outputs[-1][-3000:]
+    # the three trained as one swarm (on a loaded 2-core machine a peer's count can drop for a while, when
+    # hivemind fails to dial it: seen in 3 of 6 runs, never for all three peers)
+    assert any(re.search(r"collaborative epoch \d+ \(3 peers", out) for out in outputs), outputs[0][-3000:]
     for folder, out in zip(folders, outputs):
         ckpt = torch.load(folder / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
         assert ckpt["optimizer_states"][0]["state"]["local_epoch"] == LAST_EPOCH
         assert (folder / "peers.txt").read_text().startswith("/ip4/127.0.0.1/tcp/")  # each can be joined through
         assert list(folder.glob("version_*/events.out.tfevents.*")), f"no TensorBoard log in {folder}"
-        # the printed resume command keeps the option, and parses back to this peer's own folder
-        resume = shlex.split(re.search(r"^  resume: +(.*)$", out, re.M).group(1))
-        assert ("--peer_dir" in resume) == (folder.name != "bert-tiny-swarm"), resume
+        # the printed next command keeps the option: it tests this peer's own last.ckpt, and as `fit` resumes it
+        command = shlex.split(re.search(r"^  test: +(.*)$", out, re.M).group(1))
+        assert ("--peer_dir" in command) == (folder.name != "bert-tiny-swarm"), command
         monkeypatch.chdir(tmp_path)
         monkeypatch.syspath_prepend(str(tmp_path))  # hold.py, for the callback in the command
+        own_last = os.path.realpath(folder / "checkpoints" / "last.ckpt")
+        args = command[command.index("test") + 1:]
+        assert os.path.realpath(CheckpointOnly(args=["test", *args]).config_init.test.ckpt_path) == own_last
         capsys.readouterr()
-        ResumeOnly(args=resume[resume.index("fit"):])
-        resumed = capsys.readouterr().out
-        assert f"from {os.path.realpath(folder / 'checkpoints' / 'last.ckpt')}" in resumed, resumed
+        CheckpointOnly(args=["fit", *args])
+        assert f"from {own_last}" in capsys.readouterr().out
