@@ -9,9 +9,6 @@
 - Batches count by their samples (SampleWeightedGradientAverager): hivemind scales each local
   gradient by its size relative to the first batch after a reset and then divides by the number
   of batches, so [5, 32] gave the second 3.7x its weight.
-- A gradient round meets only rounds of its own collaborative epoch (epoch_groups.py): with
-  delay_grad_averaging, hivemind paired one peer's round e with the other's round e + 1 and the
-  offset lasted, each round waiting next_chunk_timeout and losing half its parts.
 
 hivemind is imported only when a peer starts, so the classes are built at the first call.
 """
@@ -53,12 +50,6 @@ def _build_class():
                 return state  # the state lives with the module's parameters and moves with them
             # copies of the per-parameter dicts: what Lightning moves there stays beside the CPU parameters
             return {key: dict(value) if isinstance(value, dict) else value for key, value in state.items()}
-
-        def step(self, *args, **kwargs):
-            # the epoch whose gradients a round scheduled during this step averages (see epoch_groups.py)
-            if self.use_gradient_averaging:
-                self.grad_averager.round_epoch = self.local_epoch
-            return super().step(*args, **kwargs)
 
         def load_state_from_peers(self, **kwargs):
             super().load_state_from_peers(**kwargs)
@@ -110,28 +101,12 @@ def sample_weighted_averager_class():
         from hivemind.optim.grad_averager import GradientAverager
 
         class SampleWeightedGradientAverager(GradientAverager):
-            """Each batch's mean gradient counts by its samples: sum(b_i g_i) / sum(b_i); rounds meet by epoch.
+            """Each batch's mean gradient counts by its samples: sum(b_i g_i) / sum(b_i).
 
             hivemind adds (b_i / b_0) g_i for each batch and divides by their number; dividing by
             sum(b_i) / b_0 instead gives the weighted mean. With reuse_grad_buffers the .grad
             buffers hold the plain sum of the batches' mean gradients and hivemind's mean stays.
-
-            `round_epoch` (set by SwarmOptimizer.step) goes with each round as its gather data;
-            the averager process looks for the round's group under that epoch's key.
             """
-
-            round_epoch: int | None = None
-
-            def schedule_step(self, scheduled_time=None, **kwargs):
-                if self.round_epoch is not None:
-                    kwargs.setdefault("gather", self.round_epoch)
-                return super().schedule_step(scheduled_time, **kwargs)
-
-            async def _step(self, *, step, future_for_init):
-                from convmodel.collaborative.epoch_groups import key_groups_by_epoch
-
-                key_groups_by_epoch(self._matchmaking, self.serializer)  # in the averager process
-                return await super()._step(step=step, future_for_init=future_for_init)
 
             @torch.no_grad()
             def load_accumulators_into_averager_(self):
