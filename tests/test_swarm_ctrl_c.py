@@ -10,6 +10,7 @@ import json
 import os
 import re
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -118,3 +119,58 @@ def test_ctrl_c_in_a_terminal_leaves_the_swarm_and_saves(shards, tokenizer_dir, 
     assert not re.search(r'File "[^"]*/(convmodel|pytorch_lightning|trainer)/', goodbye), goodbye[-4000:]
     assert "the hard way" not in goodbye and "KeyboardInterrupt" not in goodbye.split("Detected")[0], goodbye[-4000:]
     assert (second.workdir / LAST).is_file()
+
+
+def wait_for_group_gone(peer: Peer, timeout: float) -> None:
+    """Every process of the peer's group (the trainer, its DHT and averagers) has ended, within `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(peer.process.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    pytest.fail(f"processes of the group of {peer.workdir} still alive {timeout} s after it exited")
+
+
+def exit_after_second_ctrl_c(peer: Peer, goodbye_line: str, timeout: float) -> tuple[int, float]:
+    """Wait for the goodbye to start, Ctrl-C the peer's group again; its status and seconds until it exited."""
+    peer.wait_for(goodbye_line, 240)
+    os.killpg(peer.process.pid, signal.SIGINT)
+    sent = time.monotonic()
+    status = peer.wait_exit(timeout)
+    return status, time.monotonic() - sent
+
+
+GOODBYE = r"saying goodbye to the swarm \(at most"
+AVERAGING_TIMEOUT = 30.0  # a stalled goodbye waits up to 2 x this in hivemind, our bound is this + 15 s
+
+
+@pytest.mark.timeout(600)
+def test_second_ctrl_c_during_a_stalled_goodbye_stops_at_once(shards, tokenizer_dir, tmp_path,  # noqa: F811
+                                                              probe_on_path):
+    """The other peer is stopped (SIGSTOP), so the goodbye's averaging rounds cannot finish: the first Ctrl-C
+    saves and starts the goodbye, the second ends the trainer and all of its processes at once (exit 130)."""
+    first = second = None
+    try:
+        first, second = start_swarm(shards, tokenizer_dir, tmp_path, 10_000, averaging_timeout=AVERAGING_TIMEOUT)
+        second.wait_for(r"collaborative epoch \d+ \(2 peers", 120)  # training together
+        os.killpg(first.process.pid, signal.SIGSTOP)
+        os.killpg(second.process.pid, signal.SIGINT)
+        second.wait_for(r"Ctrl-C: leaving the swarm after this step", 60)
+        # a liveness deadline, below the goodbye's own limit (45 s) and hivemind's 2 x averaging_timeout
+        status, seconds = exit_after_second_ctrl_c(second, GOODBYE, AVERAGING_TIMEOUT)
+        print(f"exited {seconds:.1f} s after the second Ctrl-C")
+        wait_for_group_gone(second, 30)
+    finally:
+        if first is not None:
+            os.killpg(first.process.pid, signal.SIGCONT)
+        for peer in (first, second):
+            if peer is not None:
+                peer.kill()
+    output = second.output()
+    goodbye = output.split("Ctrl-C: leaving the swarm")[-1]
+    assert status == 130, output[-4000:]
+    assert "stopping at once" in goodbye.split(GOODBYE.replace("\\", ""))[-1], output[-4000:]  # it was cut short
+    if "resume with:" in goodbye:  # the first Ctrl-C came between two steps: the state is whole
+        assert saved_epoch(second) >= 2, output[-4000:]

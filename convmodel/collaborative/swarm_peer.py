@@ -15,6 +15,7 @@ and step the schedule once.
 
 import sys
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -35,6 +36,9 @@ class SwarmPeer:
         self.peer_addresses: list[str] = []
         self.guard = NanGuard(options.backup_every_epochs, options.reuse_grad_buffers)
         self.report = None  # EpochReport, once joined
+        #: hivemind processes on this peer's DHT besides the optimizer's averagers (the auxiliary peer's own
+        #: state averager): stopped with them when the peer stops at once
+        self.companions: list = []
         self._signer = None
 
     # ---- joining ------------------------------------------------------------------------------
@@ -197,28 +201,32 @@ class SwarmPeer:
 
     # ---- leaving -----------------------------------------------------------------------------------
 
-    def leave(self) -> None:
+    def leave(self, first: Callable[[], None] | None = None) -> bool:
         """Say goodbye and shut the averagers, the metrics record and the DHT down (safe to call twice).
 
         The goodbye runs in a thread that the caller waits for at most `goodbye_limit_s`: hivemind's
         shutdown waits for the delayed updates without a timeout, and a lock left held by an interrupted
         hivemind call would make it wait forever. Past the limit, or on a second Ctrl-C
         (KeyboardInterrupt) while waiting, the processes are stopped at once (`stop_at_once`).
+        `first` runs at the start of that thread, under the same bound (the auxiliary peer ends its
+        assisting thread and its own state averager there). Returns True when a Ctrl-C cut it short.
         """
         import threading
 
         opt, dht, report = self.optimizer, self.dht, self.report
         self.optimizer = self.dht = self.report = None
         if opt is None and dht is None:
-            return
+            return False
         done = threading.Event()
 
         def goodbye():
-            if opt is not None:
-                try:
+            try:
+                if first is not None:
+                    first()
+                if opt is not None:
                     opt.shutdown()
-                except Exception as exc:  # a failed goodbye must not hide the run's own outcome
-                    print(f"[convmodel] hivemind optimizer shutdown: {exc!r}", file=sys.stderr)
+            except Exception as exc:  # a failed goodbye must not hide the run's own outcome
+                print(f"[convmodel] goodbye: {exc!r}", file=sys.stderr)
             if report is not None:
                 report.close()
             if dht is not None:
@@ -227,17 +235,21 @@ class SwarmPeer:
 
         thread = threading.Thread(target=goodbye, name="convmodel-goodbye", daemon=True)
         thread.start()
-        try:
+        interrupted = False
+        try:  # the line inside: a Ctrl-C once it is printed lands in the wait below
+            print(f"[convmodel] saying goodbye to the swarm (at most {self.goodbye_limit_s:g} s; Ctrl-C stops at once)",
+                  file=sys.stderr, flush=True)
             finished = done.wait(self.goodbye_limit_s)
         except KeyboardInterrupt:
-            finished = False
+            finished = interrupted = True
             print("[convmodel] stopping at once (the other peers drop this one when its report expires)",
                   file=sys.stderr, flush=True)
+            _stop_processes(opt, dht, self.companions)
         if not finished:
-            if not done.is_set() and thread.is_alive():
-                print(f"[convmodel] the goodbye did not finish within {self.goodbye_limit_s:g} s: stopping at once",
-                      file=sys.stderr, flush=True)
-            _stop_processes(opt, dht)
+            print(f"[convmodel] the goodbye did not finish within {self.goodbye_limit_s:g} s: stopping at once",
+                  file=sys.stderr, flush=True)
+            _stop_processes(opt, dht, self.companions)
+        return interrupted
 
     @property
     def goodbye_limit_s(self) -> float:
@@ -251,12 +263,12 @@ class SwarmPeer:
         report, self.report = self.report, None
         if report is not None:
             report.close()
-        _stop_processes(opt, dht)
+        _stop_processes(opt, dht, self.companions)
 
 
-def _stop_processes(opt, dht) -> None:
+def _stop_processes(opt, dht, companions: list) -> None:
     """SIGTERM to the averager and DHT processes (the DHT's p2pd daemon follows it, dht.py); a short join each."""
-    processes = []
+    processes = list(companions)
     if opt is not None:
         processes += [getattr(opt, "state_averager", None), getattr(opt, "grad_averager", None)]
     processes.append(dht)
