@@ -283,6 +283,68 @@ def test_assisting_aux_peer_averages_with_a_client_mode_peer_and_stores_on_leavi
         assert in_step_output.count("Averaging step failed") <= 1, in_step_output[-3000:]
 
 
+def wait_for_group_gone(peer: Peer, timeout: float) -> None:
+    """Every process of the peer's group (it, its DHT and averagers) has ended, within `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(peer.process.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    pytest.fail(f"processes of the group of {peer.workdir} still alive {timeout} s after it exited")
+
+
+GOODBYE = "saying goodbye to the swarm (at most"
+AVERAGING_TIMEOUT = 30.0  # the goodbye's own limit is this + 15 s; hivemind alone can wait 2 x this
+
+
+@pytest.mark.timeout(480)
+def test_second_ctrl_c_during_a_stalled_aux_goodbye_stops_at_once(shards, tokenizer_dir, tmp_path):  # noqa: F811
+    """An assisting aux peer next to a trainer that is then stopped (SIGSTOP): its rounds cannot finish.
+
+    Ctrl-C to the aux's process group (as a terminal sends it): it stores the state it holds as the last
+    checkpoint and starts its goodbye; Ctrl-C again: it and every process of its group end at once (exit 130).
+    """
+    swarm = {**SWARM, "averaging_timeout": AVERAGING_TIMEOUT, "metadata_expiration": 60.0, "load_state_timeout": 5.0}
+    trainer_dir, aux_dir = tmp_path / "trainer", tmp_path / "aux"
+    trainer = aux = None
+    try:
+        trainer = Peer(trainer_dir, peer_args(shards, tokenizer_dir, peers_file="peers.txt", **swarm))
+        address = wait_for_file(trainer_dir / "peers.txt", trainer, STARTUP_S).split()[0]
+        trainer.wait_for(r"collaborative epoch 2 \(", STARTUP_S)  # a state worth downloading
+        aux = AuxPeer(aux_dir, [*peer_args(shards, tokenizer_dir, initial_peers=[address], **swarm),
+                                "--assist_in_averaging", "--store_checkpoints", "ckpts", "--checkpoint_every",
+                                "100000", "--refresh_period", "0.5"])
+        joined = int(aux.wait_for(r"downloaded the swarm's state at collaborative epoch (\d+)", STARTUP_S).group(1))
+        trainer.wait_for(rf"collaborative epoch {joined + 2} \(", 120)  # the aux assists in these rounds
+        os.killpg(trainer.process.pid, signal.SIGSTOP)
+        os.killpg(aux.process.pid, signal.SIGINT)
+        aux.wait_for(r"SIGINT: writing the last checkpoint", 30)
+        aux.wait_for(re.escape(GOODBYE), 120)
+        os.killpg(aux.process.pid, signal.SIGINT)
+        sent = time.monotonic()
+        # a liveness deadline, below the goodbye's own limit (45 s) and hivemind's 2 x averaging_timeout
+        status = aux.wait_exit(AVERAGING_TIMEOUT)
+        print(f"exited {time.monotonic() - sent:.1f} s after the second Ctrl-C")
+        wait_for_group_gone(aux, 30)
+    finally:
+        if trainer is not None:
+            os.killpg(trainer.process.pid, signal.SIGCONT)
+        for peer in (aux, trainer):
+            if peer is not None:
+                peer.kill()
+    output = aux.output()
+    goodbye = output.split("SIGINT: writing the last checkpoint")[-1]
+    assert status == 130, output[-4000:]
+    stored = [int(e) for e in STORED.findall(goodbye)]
+    assert len(stored) == 1 and stored[0] >= joined, output[-4000:]
+    assert checkpoint_epoch(torch.load(aux_dir / "ckpts" / LATEST, weights_only=True)) == stored[0]
+    after = goodbye.split(GOODBYE)[-1]
+    assert "stopping at once" in after and "auxiliary peer stopped at once" in after, output[-4000:]
+    assert "Traceback" not in after, output[-4000:]
+
+
 # ---- the checkpoint files ---------------------------------------------------------------------------
 
 

@@ -65,6 +65,7 @@ class AuxiliaryPeer:
             peer.start_dht(validators)
             if self.store is not None:
                 self.state = SwarmState.download_only(peer, optimizer, scheduler)
+                peer.companions.append(self.state.averager)  # stopped with the DHT when we stop at once
         self.monitor = SwarmMonitor(peer.dht, peer.options.run_id, options.logdir)
         self._signals.install()  # after the DHT and averagers started: hivemind sets SIGINT to "ignore" first
         if self.store is not None:
@@ -104,7 +105,11 @@ class AuxiliaryPeer:
     # ---- running ------------------------------------------------------------------------------
 
     def run(self) -> None:
-        """Join, then refresh until asked to stop; the last checkpoint is written before leaving."""
+        """Join, then refresh until asked to stop; the last checkpoint is written before leaving.
+
+        A second signal (KeyboardInterrupt) anywhere, the last download and the goodbye included,
+        stops at once: hivemind's processes are ended and nothing more is waited for.
+        """
         try:
             self.join()
             if self.options.assist_in_averaging:
@@ -114,8 +119,14 @@ class AuxiliaryPeer:
                 self.refresh()
                 self.stop.wait(self.options.refresh_period)
             self._final_checkpoint()
-        finally:
+        except KeyboardInterrupt:
+            self.stop_at_once()
+            raise
+        except BaseException:
             self.leave()
+            raise
+        if self.leave():
+            raise KeyboardInterrupt  # the goodbye was cut short by a second signal: the same exit as above
 
     def refresh(self) -> None:
         snapshot = self.monitor.refresh()
@@ -201,16 +212,38 @@ class AuxiliaryPeer:
             self._download("last checkpoint")
         self._store()
 
-    def leave(self) -> None:
-        self._assist_stop.set()
-        if self._assist_thread is not None:
-            self._assist_thread.join()
-        if self.monitor is not None:
-            self.monitor.close()
-        if self.state is not None:
-            self.state.shutdown()
+    def leave(self) -> bool:
+        """The goodbye, bounded as a trainer's (SwarmPeer.leave); True when a second signal cut it short."""
         joined = self.peer.dht is not None
-        self.peer.leave()
+        interrupted = self.peer.leave(first=self._end_own_work)
+        if not joined:  # nothing ran in a goodbye; after one, what it left running was stopped at once
+            self._end_own_work()
         self._signals.restore()
         if joined:
-            print("[convmodel] auxiliary peer stopped", flush=True)
+            print(f"[convmodel] auxiliary peer stopped{' at once' if interrupted else ''}", flush=True)
+        return interrupted
+
+    def _end_own_work(self) -> None:
+        """Stop the assisting thread, close the monitor's log and shut our own state averager down (once)."""
+        self._assist_stop.set()
+        thread, self._assist_thread = self._assist_thread, None
+        if thread is not None:
+            thread.join()  # its averaging round ends within averaging_timeout; the goodbye's bound covers it
+        monitor, self.monitor = self.monitor, None
+        if monitor is not None:
+            monitor.close()
+        state, self.state = self.state, None
+        if state is not None:
+            state.shutdown()
+
+    def stop_at_once(self) -> None:
+        """After a second signal: end hivemind's processes (SwarmPeer.stop_at_once), join nothing."""
+        self._assist_stop.set()
+        joined = self.peer.dht is not None
+        self.peer.stop_at_once()
+        monitor, self.monitor = self.monitor, None
+        if monitor is not None:
+            monitor.close()
+        self._signals.restore()
+        if joined:
+            print("[convmodel] auxiliary peer stopped at once", flush=True)
