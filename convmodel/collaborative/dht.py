@@ -158,6 +158,9 @@ def _own_group_dying_with_parent() -> None:
         pass
 
 
+DHT_SHUTDOWN_S = 10.0
+
+
 def start_dht(
     initial_peers: list[str],
     host_maddrs: list[str],
@@ -198,6 +201,9 @@ def start_dht(
             wait_timeout=bootstrap_timeout,
             bootstrap_timeout=bootstrap_timeout,
             startup_timeout=bootstrap_timeout,
+            # hivemind's 3 s grace ran out on a loaded 2-core machine while the DHT closed its connections
+            # ("terminating it the hard way"); the goodbye as a whole is bounded in SwarmPeer.leave
+            shutdown_timeout=DHT_SHUTDOWN_S,
             start=False,
         )
         with sigint_ignored():  # the DHT process ignores a terminal's Ctrl-C from its first instruction on

@@ -47,16 +47,6 @@ class StopOnSignal:
                 handler is None and number == signal.SIGINT) else handler
             signal.signal(number, self._handle)
 
-    def rearm(self) -> None:
-        """Take the signals back after someone set them aside (Lightning ignores SIGINT while it shuts down).
-
-        The handlers before us stay the ones `restore` puts back; a signal now acts as a second one
-        if the first came already.
-        """
-        if self._previous and threading.current_thread() is threading.main_thread():
-            for number in self._previous:
-                signal.signal(number, self._handle)
-
     def _handle(self, signum, frame) -> None:
         if self._restored is not None:
             # restored already, and someone put this handler back (Lightning's signal connector restores

@@ -119,8 +119,7 @@ class HivemindStrategy(SingleDeviceStrategy):
         self._samples_since_step = 0
         self._non_finite_loss = False
         self._stop_on_ctrl_c = StopOnSignal((signal.SIGINT,), self._on_ctrl_c)
-        self._leave_asked = False  # a first Ctrl-C: stop at the next batch boundary, save, say goodbye
-        self._stop_at_once = False  # a second one: no goodbye
+        self._stop_at_once = False  # a second Ctrl-C: no goodbye
         #: the swarm reached max_collaborative_epochs (read by convmodel.fit_summary: a finished run, not a stopped one)
         self.end_reached: str | None = None
 
@@ -190,37 +189,27 @@ class HivemindStrategy(SingleDeviceStrategy):
         self.lr_scheduler_configs = []
 
     def _on_ctrl_c(self, signum) -> bool:
-        """The first Ctrl-C asks the trainer to stop after this batch (see signals.py and `batch_to_device`)."""
+        """The first Ctrl-C asks the trainer to stop after this step (see signals.py).
+
+        The run then ends as one that reached max_steps: RunCheckpoint writes last.ckpt (after the
+        step's delayed updates landed), the summary prints how to resume, the teardown says goodbye
+        (the others stop counting this peer within a round) and the exit status is 0. Ending through
+        Lightning's interrupt path instead left the goodbye unfinished: the DHT was terminated the hard
+        way and the others kept counting the peer until its report expired.
+        """
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         if trainer is None:
             return False
-        self._leave_asked = True
+        trainer.should_stop = True
         print("[convmodel] Ctrl-C: leaving the swarm after this step (Ctrl-C again to stop at once)",
               file=sys.stderr, flush=True)
         return True
 
     @override
-    def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
-        # the first hook of each batch, before anything of it ran: the previous batch's step is whole here.
-        # Lightning's interrupt path then saves last.ckpt and prints how to resume (RunCheckpoint), tears the
-        # strategy down (our goodbye) and exits 130 like any Ctrl-C
-        if self._leave_asked and self.peer.optimizer is not None:
-            from convmodel.run_checkpoint import StopRequested
-
-            self._leave_asked = False
-            self.peer.finish_delayed_updates()  # the last step lands in the saved state (a 2nd Ctrl-C: at once)
-            raise StopRequested("Ctrl-C")
-        return super().batch_to_device(batch, device, dataloader_idx)
-
-    @override
     def on_exception(self, exception: BaseException) -> None:
-        """Lightning set SIGINT to "ignore" for its shutdown: a second Ctrl-C must still stop the goodbye."""
-        from convmodel.run_checkpoint import StopRequested
-
-        if isinstance(exception, KeyboardInterrupt) and not isinstance(exception, StopRequested):
-            self._stop_at_once = True  # a second Ctrl-C: hivemind may be mid-call, holding a lock
-        elif self.peer.optimizer is not None:
-            self._stop_on_ctrl_c.rearm()
+        """A second Ctrl-C inside a hivemind call: leave without a goodbye (a lock may be held mid-call)."""
+        if isinstance(exception, KeyboardInterrupt):
+            self._stop_at_once = True
 
     @override
     def load_optimizer_state_dict(self, checkpoint) -> None:
@@ -287,12 +276,15 @@ class HivemindStrategy(SingleDeviceStrategy):
 
     @override
     def teardown(self) -> None:
+        cut_short = False
         if self._stop_at_once:
             self.peer.stop_at_once()
         else:
-            self.peer.leave()  # bounded; a Ctrl-C while it waits stops at once
+            cut_short = self.peer.leave()  # bounded; a Ctrl-C while it waits stops at once
         self._stop_on_ctrl_c.restore()
         super().teardown()
+        if cut_short:  # Lightning's interrupt path: RunCheckpoint says what last.ckpt holds, the CLI exits 130
+            raise KeyboardInterrupt("Ctrl-C during the goodbye")
 
     @classmethod
     @override
