@@ -170,6 +170,48 @@ def test_a_non_finite_averaged_gradient_is_skipped_before_clipping_and_stepping(
 
 
 @pytest.mark.timeout(120)
+class HeldStep:
+    """An AdamW class whose steps wait until the test lets them go (hivemind rebuilds the optimizer from its class).
+
+    `hold(peer, module)` steps the swarm until a collaborative epoch starts hivemind's background step,
+    which then waits in `entered`; `release` lets it finish.
+    """
+
+    def __init__(self):
+        import threading
+
+        self.entered, self.release = threading.Event(), threading.Event()
+        held = self
+
+        class HeldAdamW(torch.optim.AdamW):
+            def step(self, closure=None):
+                if self.state:  # not hivemind's initial zero-gradient step
+                    held.entered.set()
+                    held.release.wait()
+                return super().step(closure)
+
+        self.optimizer_class = HeldAdamW
+
+    def hold(self, peer: SwarmPeer, module: torch.nn.Module) -> None:
+        for _ in range(100):
+            for p in module.parameters():
+                p.grad = torch.ones_like(p)
+            peer.step(4)
+            if self.entered.is_set():
+                return
+        pytest.fail("no collaborative epoch started the background step in 100 local steps")
+
+
+def delayed_step_peer(run_id: str, module: torch.nn.Module, held: HeldStep) -> SwarmPeer:
+    """A peer with the held optimizer and a schedule that halves the lr each collaborative epoch."""
+    peer = SwarmPeer(SwarmOptions(run_id=run_id, target_batch_size=4, offload_optimizer=True,
+                                  delay_optimizer_step=True, **LOOPBACK))
+    optimizer = held.optimizer_class(module.parameters(), lr=1e-2)
+    peer.join(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 0.5 ** epoch))
+    peer.report.start(peer.optimizer, peer.dht, peer._signer, 10.0)
+    return peer
+
+
 def test_a_checkpoint_waits_for_the_delayed_optimizer_step():
     """delay_optimizer_step: a checkpoint taken while hivemind's background step runs must hold its result."""
     import threading
@@ -178,44 +220,70 @@ def test_a_checkpoint_waits_for_the_delayed_optimizer_step():
 
     from convmodel.collaborative import HivemindStrategy
 
-    entered, release = threading.Event(), threading.Event()
-
-    class HeldAdamW(torch.optim.AdamW):
-        """AdamW whose steps (hivemind rebuilds it from its class) wait until the test lets them go."""
-
-        def step(self, closure=None):
-            if self.state:  # not hivemind's initial zero-gradient step
-                entered.set()
-                release.wait()
-            return super().step(closure)
-
     class Module(pl.LightningModule):
         def __init__(self):
             super().__init__()
             self.layer = torch.nn.Linear(64, 64)
 
+    held = HeldStep()
     strategy = HivemindStrategy(run_id="ckpt_test", target_batch_size=4, offload_optimizer=True,
                                 delay_optimizer_step=True, **LOOPBACK)
     module = Module()
     strategy.connect(module)
     peer = strategy.peer
-    peer.join(HeldAdamW(module.parameters(), lr=1e-2))
+    peer.join(held.optimizer_class(module.parameters(), lr=1e-2))
     try:
         peer.report.start(peer.optimizer, peer.dht, peer._signer, 10.0)
         before = module.layer.weight.detach().clone()
-        for _ in range(100):  # a collaborative epoch starts the background step, which then holds
-            module.layer.weight.grad = torch.ones_like(module.layer.weight)
-            module.layer.bias.grad = torch.ones_like(module.layer.bias)
-            peer.step(4)
-            if entered.is_set():
-                break
-        assert entered.is_set()
+        held.hold(peer, module)
         saved = {}
         saver = threading.Thread(target=lambda: saved.update(strategy.lightning_module_state_dict()))
         saver.start()
-        release.set()
+        held.release.set()
         saver.join(60)
         assert not torch.equal(saved["layer.weight"], before)  # the step's result, not the parameters before it
     finally:
-        release.set()
+        held.release.set()
+        peer.leave()
+
+
+@pytest.mark.timeout(120)
+def test_nan_guard_backup_and_restore_wait_for_the_delayed_optimizer_step(capsys):
+    """Bug 3: a backup taken while hivemind's background step runs must hold that step's result, not a state
+    torn between before and after; a restore must not be overwritten by it; and the restored learning rate is
+    this epoch's, not the backup's."""
+    import threading
+
+    torch.manual_seed(0)
+    module, held = torch.nn.Linear(64, 64), HeldStep()
+    peer = delayed_step_peer("backup_test", module, held)
+    try:
+        held.hold(peer, module)
+        before = module.weight.detach().clone()
+        backup = threading.Thread(target=peer.guard.take_backup, args=(peer.optimizer,))
+        backup.start()
+        backup.join(2)
+        assert backup.is_alive()  # it waits for the background step...
+        held.release.set()
+        backup.join(60)
+        stepped = module.weight.detach().clone()
+        assert not torch.equal(stepped, before)
+        assert torch.equal(peer.guard._backup["params"][0], stepped)  # ...and holds its result
+        # a restore waits for a step in flight too, and then holds the backup: nothing lands on top of it
+        held.entered.clear()
+        held.release.clear()
+        held.hold(peer, module)
+        restore = threading.Thread(target=peer.guard.restore, args=(peer.optimizer,))
+        restore.start()
+        restore.join(2)
+        assert restore.is_alive()
+        held.release.set()
+        restore.join(60)
+        assert torch.equal(module.weight.detach(), stepped)
+        # this epoch's learning rate, not the backup's
+        backup_lr = peer.guard._backup["optimizer"]["param_groups"][0]["lr"]
+        lr = peer.optimizer.opt.param_groups[0]["lr"]
+        assert lr == pytest.approx(1e-2 * 0.5 ** peer.optimizer.local_epoch) and lr != backup_lr, (lr, backup_lr)
+    finally:
+        held.release.set()
         peer.leave()

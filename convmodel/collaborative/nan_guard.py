@@ -23,6 +23,17 @@ def all_finite(tensors: list[torch.Tensor]) -> bool:
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
+def wait_for_delayed_updates(opt) -> None:
+    """Let hivemind's background optimizer step and averaging round finish and land in the parameters.
+
+    With delay_optimizer_step or delay_state_averaging they write parameters and optimizer state
+    from a background thread: whatever reads or writes either (a backup, a restore, a checkpoint)
+    waits for them first, or it copies a half-written state or is overwritten by a stale one.
+    """
+    if opt.delay_optimizer_step or opt.delay_state_averaging:
+        opt.state_averager.step(wait_for_delayed_updates=True)
+
+
 def params_finite(opt) -> bool:
     return all_finite(main_params(opt))
 
@@ -63,6 +74,7 @@ class NanGuard:
     def take_backup(self, opt) -> None:
         if not self.backup_every:
             return
+        wait_for_delayed_updates(opt)  # a whole state, not one that hivemind's background step is writing
         self._backup = {
             "epoch": opt.local_epoch,
             "params": [p.detach().to("cpu", copy=True) for p in main_params(opt)],  # not in accelerator memory
@@ -78,6 +90,7 @@ class NanGuard:
             return
         print(f"[convmodel] non-finite parameters at collaborative epoch {opt.local_epoch}: restoring the backup "
               f"from epoch {self._backup['epoch']}", file=sys.stderr, flush=True)
+        wait_for_delayed_updates(opt)  # or a background step or round would land on top of the restored state
         with torch.no_grad():
             inner = [p for g in opt.opt.param_groups for p in g["params"]]
             for saved, main, offloaded in zip(self._backup["params"], main_params(opt), inner):
@@ -85,3 +98,7 @@ class NanGuard:
                 if offloaded is not main:
                     offloaded.copy_(saved)
         opt.opt.load_state_dict(copy.deepcopy(self._backup["optimizer"]))
+        scheduler = opt.state_averager.scheduler
+        if scheduler is not None:  # the backup's param_groups carry its epoch's learning rate, not this one's
+            for group, lr in zip(opt.opt.param_groups, scheduler.get_last_lr(), strict=True):
+                group["lr"] = lr

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from convmodel.collaborative.nan_guard import NanGuard, grads_finite, params_finite
+from convmodel.collaborative.nan_guard import NanGuard, grads_finite, params_finite, wait_for_delayed_updates
 from convmodel.collaborative.optimizer_rebuild import rebuild_optimizer, rebuild_scheduler, sync_scheduler
 from convmodel.collaborative.swarm_options import OPTION, SwarmOptions
 from convmodel.errors import UserError
@@ -191,9 +191,8 @@ class SwarmPeer:
         With delay_optimizer_step the last collaborative step would otherwise land after the
         trainer's final checkpoint, or never: the saved state would be one step behind the swarm.
         """
-        opt = self.optimizer
-        if opt is not None and (self.options.delay_optimizer_step or self.options.delay_state_averaging):
-            opt.state_averager.step(wait_for_delayed_updates=True)
+        if self.optimizer is not None:
+            wait_for_delayed_updates(self.optimizer)
 
     def metrics(self) -> dict[str, float]:
         """The collab/* scalars for this local step."""
