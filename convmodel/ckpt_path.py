@@ -130,5 +130,6 @@ def refuse_mixed_run(folder: str, log_versions: list[str], overwrite: bool) -> N
     where = folder if existing else os.path.dirname(log_versions[0])
     resume = f"resume it with {OPTION} last, or " if existing else ""
     raise UserError(f"{where} already holds {what}; {resume}start a new run in another folder "
-                    "(--trainer.logger.init_args.save_dir runs/NEW), or replace it with --overwrite_checkpoints "
+                    "(--trainer.logger.init_args.save_dir runs/NEW, or --peer_dir runs/NEW for a swarm peer), or "
+                    "replace it with --overwrite_checkpoints "
                     "true (deletes them)")
