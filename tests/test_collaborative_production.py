@@ -1,4 +1,4 @@
-"""The production options with real peers: configs/collaborative/lean-albert-tiny.yaml, two trainer processes.
+"""The production options with real peers: configs/collaborative/lean-albert-tiny.yaml, two and three trainers.
 
 Offloaded 8-bit LAMB, delayed optimizer step, delayed gradient and state averaging, state
 averaged every 5 epochs, size-adaptive compression (one matrix of 65536 weights goes in 8 bits,
@@ -33,11 +33,6 @@ CONFIG = REPO / "configs" / "collaborative" / "lean-albert-tiny.yaml"
 TINY_ALBERT = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 512,
                "embedding_size": 32, "max_position_embeddings": 64}
 LAST_EPOCH = 20  # four state rounds (average_state_every: 5)
-# delay_grad_averaging is off here: with it on (and average_state_every: 5), in 4 of 6 runs on a loaded
-# 2-core machine one peer's gradient rounds began to lose half their parts after a state round, every
-# epoch from then on, each round waiting next_chunk_timeout (2 s, or 5 s when raised to 5). A hivemind
-# problem not solved yet; the shipped config keeps the xlarge run's setting.
-OVERRIDES = {"delay_grad_averaging": False}
 
 PROBE = '''
 import hashlib, json, os, time
@@ -71,6 +66,17 @@ class EpochProbe(Callback):
             sample += values[::max(1, values.numel() // 64)].tolist()  # about 64 values of each tensor
         with open(self.path, "a") as f:
             f.write(json.dumps({"epoch": self.epoch, "params": digest.hexdigest(), "sample": sample}) + "\\n")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.batches = getattr(self, "batches", 0) + 1
+        self.samples = getattr(self, "samples", 0) + len(batch["input_ids"])
+
+    def on_train_end(self, trainer, pl_module):
+        # what this peer trained on, and what it counted toward the swarm's target batch size
+        counted = trainer.strategy.peer.report.samples_contributed
+        with open(self.path + ".counts", "w") as f:
+            json.dump({"batches": self.batches, "samples": self.samples, "counted": counted,
+                       "optimizer_steps": trainer.global_step}, f)
 '''
 
 
@@ -87,31 +93,59 @@ def probe_records(peer: Peer) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-@pytest.mark.timeout(480)
-def test_two_peers_train_with_the_production_options(shards, tokenizer_dir, tmp_path, monkeypatch):  # noqa: F811
+def train_swarm(tmp_path: Path, shards: Path, tokenizer_dir: str, names: list[str],  # noqa: F811
+                extra: tuple[str, ...] = ()) -> list[Peer]:
+    """Start the peers (the first writes peers.txt, the others join it), hold all at epoch 2 until all are
+    there (alone the first takes about 0.5 s an epoch; a joiner that runs epochs alone makes the others skip
+    them to catch up), let them go, and wait for each to exit 0."""
     (tmp_path / "epoch_probe.py").write_text(PROBE)
-    monkeypatch.setenv("PYTHONPATH", ":".join(filter(None, [str(tmp_path), str(REPO),
-                                                            os.environ.get("PYTHONPATH")])))
-    first = second = None
+    go, peers = str(tmp_path / "go"), []
     try:
-        # both peers hold at epoch 2 until both are there (alone the first takes about 0.5 s an epoch; a
-        # joiner that runs epochs alone makes the other skip them to catch up)
-        go = str(tmp_path / "go")
-        first = Peer(tmp_path / "first", production_args(shards, tokenizer_dir, hold_until=go, **OVERRIDES))
-        address = wait_for_file(tmp_path / "first" / "peers.txt", first, STARTUP_S).split()[0]
-        second = Peer(tmp_path / "second", production_args(shards, tokenizer_dir, hold_until=go,
-                                                           initial_peers=[address], **OVERRIDES))
-        second.wait_for(r"joined run 'lean_albert_tiny' at collaborative epoch", STARTUP_S)
-        for peer in (first, second):
+        peers.append(Peer(tmp_path / names[0], [*production_args(shards, tokenizer_dir, hold_until=go), *extra]))
+        address = wait_for_file(tmp_path / names[0] / "peers.txt", peers[0], STARTUP_S).split()[0]
+        for name in names[1:]:
+            peers.append(Peer(tmp_path / name, [*production_args(shards, tokenizer_dir, hold_until=go,
+                                                                 initial_peers=[address]), *extra]))
+        for peer in peers[1:]:
+            peer.wait_for(r"joined run 'lean_albert_tiny' at collaborative epoch", STARTUP_S)
+        for peer in peers:
             wait_for_file(peer.workdir / "probe.jsonl.holding", peer, 60)
         Path(go).write_text("")
-        assert second.wait_exit(300) == 0, second.output()[-4000:]
-        assert first.wait_exit(120) == 0, first.output()[-4000:]
+        for peer in reversed(peers):
+            assert peer.wait_exit(300) == 0, peer.output()[-4000:]
     finally:
-        for peer in (first, second):
-            if peer is not None:
-                peer.kill()
-    for peer in (first, second):
+        for peer in peers:
+            peer.kill()
+    return peers
+
+
+@pytest.fixture
+def probe_on_path(tmp_path, monkeypatch):
+    """The peers import the probe callback from tmp_path."""
+    monkeypatch.setenv("PYTHONPATH", ":".join(filter(None, [str(tmp_path), str(REPO), os.environ.get("PYTHONPATH")])))
+
+
+@pytest.mark.timeout(480)
+def test_two_peers_train_with_the_production_options(shards, tokenizer_dir, tmp_path, probe_on_path):  # noqa: F811
+    check_swarm_trained(train_swarm(tmp_path, shards, tokenizer_dir, ["first", "second"]), shards, tokenizer_dir)
+
+
+@pytest.mark.timeout(600)
+def test_three_peers_train_with_the_production_options_and_accumulated_batches(shards, tokenizer_dir,  # noqa: F811
+                                                                               tmp_path, probe_on_path):
+    """Three peers, each accumulating 2 local batches per optimizer step (clipping and bf16-mixed come with
+    the config): every batch's samples count toward the swarm's target, not only the last one's."""
+    peers = train_swarm(tmp_path, shards, tokenizer_dir, ["first", "second", "third"],
+                        ("--trainer.accumulate_grad_batches", "2"))
+    for peer in peers:
+        counts = json.loads((peer.workdir / "probe.jsonl.counts").read_text())
+        assert counts["batches"] == 2 * counts["optimizer_steps"] and counts["counted"] == counts["samples"], counts
+    check_swarm_trained(peers, shards, tokenizer_dir)
+
+
+def check_swarm_trained(peers: list[Peer], shards: Path, tokenizer_dir: str) -> None:  # noqa: F811
+    """Every epoch changed the parameters, the peers agree after the last state round, the swarm learned."""
+    for peer in peers:
         output = peer.output()
         training = output.split(f"collaborative epoch {LAST_EPOCH} (")[0]
         # nothing failed in our code or Lightning's. hivemind logs a traceback for a round that formed no
@@ -128,14 +162,17 @@ def test_two_peers_train_with_the_production_options(shards, tokenizer_dir, tmp_
         records = probe_records(peer)[1:]
         unchanged = [(a["epoch"], b["epoch"]) for a, b in zip(records, records[1:]) if a["params"] == b["params"]]
         assert len(records) >= 10 and len(unchanged) <= 1, (unchanged, output[-3000:])
-    lost = [len(re.findall(r"received [\d.]+% of input tensors", peer.output())) for peer in (first, second)]
-    print(f"averaging rounds that lost parts (first, second): {lost}")
-    seconds = [float(s) for s in re.findall(r"collaborative epoch \d+ \(2 peers, lr [^,]+, ([\d.]+) s",
-                                            second.output())]
-    print(f"seconds per collaborative epoch with 2 peers: {seconds}")
-    assert len(seconds) >= 3, second.output()[-3000:]
-    ckpts = checkpoint(first), checkpoint(second)
-    assert [c["optimizer_states"][0]["state"]["local_epoch"] for c in ckpts] == [LAST_EPOCH, LAST_EPOCH]
+    lost = [len(re.findall(r"received [\d.]+% of input tensors", peer.output())) for peer in peers]
+    print(f"averaging rounds that lost parts, per peer: {lost}")
+    together = len(peers)
+    seconds = [float(s) for s in re.findall(rf"collaborative epoch \d+ \({together} peers, lr [^,]+, ([\d.]+) s",
+                                            peers[-1].output())]
+    print(f"seconds per collaborative epoch of the last peer with {together} peers: {seconds}")
+    # they trained together: some peer counted all of them for 3 epochs or more (under load a peer's own
+    # count can drop for a while; test_peer_dir saw that with 3 peers)
+    assert max(len(re.findall(rf"\({together} peers", peer.output())) for peer in peers) >= 3, lost
+    ckpts = [checkpoint(peer) for peer in peers]
+    assert [c["optimizer_states"][0]["state"]["local_epoch"] for c in ckpts] == [LAST_EPOCH] * len(peers)
     # the 8-bit moments survived the swarm as uint8 codes
     inner = ckpts[1]["optimizer_states"][0]["state"]
     codes = [s["exp_avg_q"] for s in inner.values() if isinstance(s, dict) and "exp_avg_q" in s]
@@ -146,20 +183,21 @@ def test_two_peers_train_with_the_production_options(shards, tokenizer_dir, tmp_
     from convmodel.collaborative.compression import SIZE_ADAPTIVE_THRESHOLD
     from convmodel.models.lean_albert_pretraining import LeanAlbertPretraining
 
-    first_params, second_params = (c["state_dict"] for c in ckpts)
+    first_params = ckpts[0]["state_dict"]
     eight_bit = [name for name, value in first_params.items() if value.numel() >= SIZE_ADAPTIVE_THRESHOLD]
     assert eight_bit, "no tensor large enough for size-adaptive's 8-bit branch"
-    for name, value in first_params.items():
-        difference = (value.float() - second_params[name].float()).abs()
-        if name in eight_bit:
-            assert float(difference.mean()) < 0.05 * float(value.float().std()), name
-        else:
-            assert float(difference.max()) < 2e-3, (name, float(difference.max()))
+    for other in ckpts[1:]:
+        for name, value in first_params.items():
+            difference = (value.float() - other["state_dict"][name].float()).abs()
+            if name in eight_bit:
+                assert float(difference.mean()) < 0.05 * float(value.float().std()), name
+            else:
+                assert float(difference.max()) < 2e-3, (name, float(difference.max()))
     # the swarm learned
     torch.manual_seed(0)
     hparams = {k: v for k, v in ckpts[0]["hyper_parameters"].items() if not k.startswith("_")}
     untrained = LeanAlbertPretraining(**{**hparams, "tokenizer": tokenizer_dir})
-    trained = LeanAlbertPretraining.load_from_checkpoint(first.workdir / "checkpoints" / "last.ckpt",
+    trained = LeanAlbertPretraining.load_from_checkpoint(peers[0].workdir / "checkpoints" / "last.ckpt",
                                                          map_location="cpu", tokenizer=tokenizer_dir)
     before, after = validation_loss(untrained, shards, tokenizer_dir), validation_loss(trained, shards, tokenizer_dir)
     print(f"validation loss untrained {before:.3f}, after {LAST_EPOCH} collaborative epochs {after:.3f}")
