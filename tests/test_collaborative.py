@@ -38,9 +38,10 @@ def shards(text_corpus, tokenizer_dir, tmp_path_factory) -> Path:
 
 
 def collaborative_run_args(config: Path, model_config: dict, shards: Path, tokenizer_dir: str,
-                           callbacks: list[dict] = (), **strategy) -> list[str]:
+                           callbacks: list[dict] = (), every_step_checkpoint: bool = True, **strategy) -> list[str]:
     """A shipped collaborative config at test size: `model_config` for the model, our shards, no validation
-    until the end, a checkpoint every step, `callbacks` after it, and per-peer strategy options."""
+    until the end, a checkpoint every step in checkpoints/ (or, without `every_step_checkpoint`, the config's
+    own RunCheckpoint in runs/checkpoints/), `callbacks` after it, and per-peer strategy options."""
     args = ["--config", str(config),
             "--data.tokenizer", tokenizer_dir,
             "--data.train_files", str(shards / "train" / "part-*.jsonl"),
@@ -51,12 +52,15 @@ def collaborative_run_args(config: Path, model_config: dict, shards: Path, token
             "--trainer.val_check_interval", "1000000", "--trainer.limit_val_batches", "2",
             "--trainer.num_sanity_val_steps", "0", "--trainer.log_every_n_steps", "1",
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-            "--trainer.logger.init_args.save_dir", "runs",
-            "--trainer.callbacks", json.dumps([
-                {"class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
-                 "init_args": {"dirpath": "checkpoints", "save_last": True, "every_n_train_steps": 1,
-                               "save_top_k": 0}},
-                *callbacks])]
+            "--trainer.logger.init_args.save_dir", "runs"]
+    if every_step_checkpoint:
+        args += ["--trainer.callbacks", json.dumps([
+            {"class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
+             "init_args": {"dirpath": "checkpoints", "save_last": True, "every_n_train_steps": 1, "save_top_k": 0}},
+            *callbacks])]
+    else:
+        for callback in callbacks:
+            args += ["--trainer.callbacks+", json.dumps(callback)]
     for name, value in strategy.items():
         args += [STRATEGY + name, value if isinstance(value, str) else json.dumps(value)]
     return args

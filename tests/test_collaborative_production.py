@@ -21,7 +21,6 @@ from test_collaborative import (  # noqa: E402, F401
     REPO,
     STARTUP_S,
     Peer,
-    checkpoint,
     collaborative_run_args,
     shards,
     validation_loss,
@@ -33,6 +32,7 @@ CONFIG = REPO / "configs" / "collaborative" / "lean-albert-tiny.yaml"
 TINY_ALBERT = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 512,
                "embedding_size": 32, "max_position_embeddings": 64}
 LAST_EPOCH = 20  # four state rounds (average_state_every: 5)
+LAST = Path("runs") / "checkpoints" / "last.ckpt"  # the shipped RunCheckpoint's, under our logger's save_dir
 
 PROBE = '''
 import hashlib, json, os, time
@@ -59,6 +59,7 @@ class EpochProbe(Callback):
             while not os.path.exists(self.hold_until):
                 time.sleep(0.1)
             self.hold_until = None
+        trainer.strategy.peer.finish_delayed_updates()  # the parameters after the last step, not before it lands
         digest, sample = hashlib.sha1(), []
         for p in pl_module.parameters():
             values = p.detach().float().cpu().reshape(-1)
@@ -84,7 +85,7 @@ def production_args(shards: Path, tokenizer_dir: str, hold_until: str | None = N
                     **strategy) -> list[str]:
     """The shipped tiny production config with a smaller model, our shards, a checkpoint every step, the probe."""
     probe = {"class_path": "epoch_probe.EpochProbe", "init_args": {"path": "probe.jsonl", "hold_until": hold_until}}
-    return collaborative_run_args(CONFIG, TINY_ALBERT, shards, tokenizer_dir, callbacks=[probe],
+    return collaborative_run_args(CONFIG, TINY_ALBERT, shards, tokenizer_dir, callbacks=[probe], every_step_checkpoint=False,
                                   **{"max_collaborative_epochs": LAST_EPOCH, "peers_file": "peers.txt", **strategy})
 
 
@@ -171,7 +172,13 @@ def check_swarm_trained(peers: list[Peer], shards: Path, tokenizer_dir: str) -> 
     # they trained together: some peer counted all of them for 3 epochs or more (under load a peer's own
     # count can drop for a while; test_peer_dir saw that with 3 peers)
     assert max(len(re.findall(rf"\({together} peers", peer.output())) for peer in peers) >= 3, lost
-    ckpts = [checkpoint(peer) for peer in peers]
+    # every run ends with its final state saved by the shipped RunCheckpoint (every_n_train_steps 200: only the
+    # end of the run writes it here) and says where it went
+    for peer in peers:
+        summary = peer.output().split("[convmodel] fit finished at step")[-1]
+        assert "[convmodel] fit finished at step" in peer.output() and f"checkpoint:  {LAST}" in summary, \
+            peer.output()[-3000:]
+    ckpts = [torch.load(peer.workdir / LAST, map_location="cpu", weights_only=False) for peer in peers]
     assert [c["optimizer_states"][0]["state"]["local_epoch"] for c in ckpts] == [LAST_EPOCH] * len(peers)
     # the 8-bit moments survived the swarm as uint8 codes
     inner = ckpts[1]["optimizer_states"][0]["state"]
@@ -191,13 +198,13 @@ def check_swarm_trained(peers: list[Peer], shards: Path, tokenizer_dir: str) -> 
             difference = (value.float() - other["state_dict"][name].float()).abs()
             if name in eight_bit:
                 assert float(difference.mean()) < 0.05 * float(value.float().std()), name
-            else:
-                assert float(difference.max()) < 2e-3, (name, float(difference.max()))
+            else:  # fp16's error is relative: half a step of its 10-bit mantissa, plus a little
+                assert bool((difference <= 2e-3 + 1e-3 * value.float().abs()).all()), (name, float(difference.max()))
     # the swarm learned
     torch.manual_seed(0)
     hparams = {k: v for k, v in ckpts[0]["hyper_parameters"].items() if not k.startswith("_")}
     untrained = LeanAlbertPretraining(**{**hparams, "tokenizer": tokenizer_dir})
-    trained = LeanAlbertPretraining.load_from_checkpoint(peers[0].workdir / "checkpoints" / "last.ckpt",
+    trained = LeanAlbertPretraining.load_from_checkpoint(peers[0].workdir / LAST,
                                                          map_location="cpu", tokenizer=tokenizer_dir)
     before, after = validation_loss(untrained, shards, tokenizer_dir), validation_loss(trained, shards, tokenizer_dir)
     print(f"validation loss untrained {before:.3f}, after {LAST_EPOCH} collaborative epochs {after:.3f}")
