@@ -1,8 +1,8 @@
-"""The end of a swarm run as a user sees it: the shipped tiny production config, two trainer processes.
+"""Ctrl-C on a swarm trainer as a user sends it: the shipped tiny production config, two trainer processes.
 
-Each run ends with its final state in last.ckpt and the path printed; Ctrl-C in a terminal (SIGINT to the
-whole process group: the trainer, hivemind's DHT and averager processes and the p2pd daemon) leaves the
-swarm cleanly, and a second Ctrl-C stops at once. The checkpoints are the shipped RunCheckpoint's
+Ctrl-C in a terminal (SIGINT to the whole process group: the trainer, hivemind's DHT and averager
+processes and the p2pd daemon) leaves the swarm cleanly, and a second Ctrl-C stops at once. (That every
+run ends with its final state saved and printed is checked by tests/test_collaborative_production.py.) The checkpoints are the shipped RunCheckpoint's
 (every 200 local steps, so only the final save can hold the last epoch), not a test's every-step one.
 """
 
