@@ -79,6 +79,20 @@ def peer(workdir: Path, tokenizer: str, shards: Path, target: int, initial_peer:
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def start_script_peer(script: str, workdir: Path, tokenizer: str, shards: Path, target: int,
+                      initial_peer: str | None):
+    """A bench script's own peer (`script --peer ...`) in workdir, its output in workdir/output.log."""
+    workdir.mkdir(parents=True)
+    args = [sys.executable, script, "--peer", "--tokenizer", tokenizer, "--shards", str(shards),
+            "--target_batch_size", str(target)]
+    if initial_peer:
+        args += ["--initial_peer", initial_peer]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    with open(workdir / "output.log", "w") as log:
+        return subprocess.Popen(args, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
 # "[convmodel] collaborative epoch 7 (2 peers, lr 0.0016, 1.32 s[, 1 averaging round(s) failed])", and
 # lightning_hivemind_step.py's "[lightning-hivemind] collaborative epoch 7 (2 peers, 10.61 s[, ...])": the
 # seconds since the previous epoch, and the rounds hivemind gave up on meanwhile (averaging_failures.py)

@@ -20,7 +20,6 @@ sys.path only in its peer processes, with the shims listed in `import_lightning_
 import argparse
 import contextlib
 import functools
-import os
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,7 @@ from collaborative_step import (
     make_data,
     measure,
     run_pair,
+    start_script_peer,
 )
 
 DEPS = REPO / "work/bench-deps/lightning-hivemind"
@@ -159,15 +159,7 @@ class EpochPrinter(pl.Callback):
 
 
 def start_peer(workdir: Path, tokenizer: str, shards: Path, target: int, initial_peer: str | None):
-    workdir.mkdir(parents=True)
-    args = [sys.executable, __file__, "--peer", "--tokenizer", tokenizer, "--shards", str(shards),
-            "--target_batch_size", str(target)]
-    if initial_peer:
-        args += ["--initial_peer", initial_peer]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
-    with open(workdir / "output.log", "w") as log:
-        return subprocess.Popen(args, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+    return start_script_peer(__file__, workdir, tokenizer, shards, target, initial_peer)
 
 
 def measure_theirs(root: Path, tokenizer: str, shards: Path, epochs: int, target: int,

@@ -14,10 +14,7 @@ alternately, `--passes` times each, so a slow minute of the machine lands on bot
 """
 
 import argparse
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +28,7 @@ from collaborative_step import (
     make_data,
     measure,
     run_pair,
+    start_script_peer,
 )
 
 LOOPBACK_CONFIG = REPO / "configs" / "collaborative" / "bert-tiny.yaml"
@@ -92,15 +90,7 @@ def run_peer(args: argparse.Namespace) -> None:
 
 
 def start_peer(workdir: Path, tokenizer: str, shards: Path, target: int, initial_peer: str | None):
-    workdir.mkdir(parents=True)
-    args = [sys.executable, __file__, "--peer", "--tokenizer", tokenizer, "--shards", str(shards),
-            "--target_batch_size", str(target)]
-    if initial_peer:
-        args += ["--initial_peer", initial_peer]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
-    with open(workdir / "output.log", "w") as log:
-        return subprocess.Popen(args, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+    return start_script_peer(__file__, workdir, tokenizer, shards, target, initial_peer)
 
 
 # ---- both sides, one run ------------------------------------------------------------------------
