@@ -272,17 +272,37 @@ def exit_on_user_error(run) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; a user mistake ends with `error: <what to do>` and exit status 2."""
-    argv = with_default_subcommand(sys.argv[1:] if argv is None else argv)
     enable_docstring_help()
     # we pass the arguments ourselves (with `fit` inserted); Lightning warns when sys.argv is also set
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    from_command_line = argv is None
+    argv = with_default_subcommand(sys.argv[1:] if argv is None else argv)
     try:
         exit_on_user_error(lambda: ConvmodelCLI(args=argv))
+    except KeyboardInterrupt:
+        # a second Ctrl-C after Lightning's own handling ended (a swarm peer's goodbye had finished and the
+        # summary was printing): the run is saved and summarized as far as it got; stop at once, no traceback
+        print("[convmodel] stopping at once (Ctrl-C)", file=sys.stderr, flush=True)
+        sys.exit(EXIT_SIGINT)
     except SystemExit as exc:
         status = interrupt_exit_status(exc)
         if status is None:
             raise
         sys.exit(status)
+    finally:
+        if from_command_line:
+            exit_at_once_on_ctrl_c()
+
+
+def exit_at_once_on_ctrl_c() -> None:
+    """From here to the process's end a Ctrl-C exits 130 at once: the run is over (saved and summarized), and
+    what is left is the interpreter's shutdown (joins of hivemind's threads and processes), where Python's
+    own KeyboardInterrupt would print a traceback and end the process by the signal (status -2)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, lambda signum, frame: os._exit(EXIT_SIGINT))
 
 
 def interrupt_exit_status(exc: SystemExit) -> int | None:

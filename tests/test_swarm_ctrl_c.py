@@ -115,13 +115,15 @@ def wait_for_group_gone(peer: Peer, timeout: float) -> None:
     pytest.fail(f"processes of the group of {peer.workdir} still alive {timeout} s after it exited")
 
 
-def exit_after_second_ctrl_c(peer: Peer, goodbye_line: str, timeout: float) -> tuple[int, float]:
-    """Wait for the goodbye to start, Ctrl-C the peer's group again; its status and seconds until it exited."""
+def exit_after_second_ctrl_c(peer: Peer, goodbye_line: str, timeout: float) -> tuple[int, float, bool]:
+    """Wait for the goodbye to start, Ctrl-C the peer's group again; its status, seconds until it exited, and
+    whether the goodbye was still under way when the signal went (the run's summary not printed yet)."""
     peer.wait_for(goodbye_line, 240)
+    during = "fit stopped at step" not in peer.output()
     os.killpg(peer.process.pid, signal.SIGINT)
     sent = time.monotonic()
     status = peer.wait_exit(timeout)
-    return status, time.monotonic() - sent
+    return status, time.monotonic() - sent, during
 
 
 GOODBYE = r"saying goodbye to the swarm \(at most"
@@ -141,8 +143,8 @@ def test_second_ctrl_c_during_a_stalled_goodbye_stops_at_once(shards, tokenizer_
         os.killpg(second.process.pid, signal.SIGINT)
         second.wait_for(r"Ctrl-C: leaving the swarm after this step", 60)
         # a liveness deadline, below the goodbye's own limit (45 s) and hivemind's 2 x averaging_timeout
-        status, seconds = exit_after_second_ctrl_c(second, GOODBYE, AVERAGING_TIMEOUT)
-        print(f"exited {seconds:.1f} s after the second Ctrl-C")
+        status, seconds, during = exit_after_second_ctrl_c(second, GOODBYE, AVERAGING_TIMEOUT)
+        print(f"exited {seconds:.1f} s after the second Ctrl-C ({'during' if during else 'after'} the goodbye)")
         wait_for_group_gone(second, 30)
     finally:
         if first is not None:
@@ -152,7 +154,15 @@ def test_second_ctrl_c_during_a_stalled_goodbye_stops_at_once(shards, tokenizer_
                 peer.kill()
     output = second.output()
     goodbye = output.split("Ctrl-C: leaving the swarm")[-1]
-    assert status == 130, output[-4000:]
-    assert "stopping at once" in goodbye.split(GOODBYE.replace("\\", ""))[-1], output[-4000:]  # it was cut short
+    assert not re.search(r'File "[^"]*/(convmodel|pytorch_lightning|trainer)/', goodbye), goodbye[-4000:]
+    if during:  # it was cut short
+        assert status == 130, output[-4000:]
+        assert "stopping at once" in goodbye.split(GOODBYE.replace("\\", ""))[-1], output[-4000:]
+    else:
+        # the stopped peer's stall is about 5 s here, but once, on the loaded CI machine, the goodbye ended
+        # before the second Ctrl-C landed; that Ctrl-C then ends the rest at once: 130, or killed by the
+        # signal while Python shut down (a shell shows 130 for both)
+        print("the goodbye had ended before the second Ctrl-C")
+        assert status in (130, -signal.SIGINT), output[-4000:]
     if "resume with:" in goodbye:  # the first Ctrl-C came between two steps: the state is whole
         assert saved_epoch(second) >= 2, output[-4000:]
