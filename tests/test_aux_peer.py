@@ -397,3 +397,30 @@ def test_bad_options_are_one_error_each(shards, tokenizer_dir, capsys, tmp_path,
     err = run_error(["--store_checkpoints", "ckpts"], capsys)
     assert "--config is required" in err
     assert not (tmp_path / "ckpts").exists()  # nothing was started or written
+
+
+def test_an_upload_that_fails_with_any_error_is_reported_and_tried_again(tmp_path, capsys):
+    """Not only a refusing Hub: an error export does not expect (here ENOSPC, a full disk, from the store) is
+    reported with its type, the loop goes on, and the next interval tries the same epoch again."""
+    import errno
+    from types import SimpleNamespace
+
+    from convmodel.collaborative.aux_loop import AuxiliaryPeer
+
+    class FullDiskStore:
+        directory, calls = str(tmp_path), 0
+
+        def latest(self):
+            self.calls += 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    aux = AuxiliaryPeer.__new__(AuxiliaryPeer)
+    aux.options = SimpleNamespace(push_to_hub="convmodel/aux-test", upload_every=0.0)
+    aux.peer = SimpleNamespace(options=SimpleNamespace(run_id="bert_tiny"))
+    aux.store, aux.stored_epoch, aux.uploaded_epoch, aux.last_upload = FullDiskStore(), 7, None, float("-inf")
+    aux._maybe_upload()
+    aux._maybe_upload()
+    assert aux.store.calls == 2 and aux.uploaded_epoch is None
+    err = capsys.readouterr().err
+    assert err.count("upload of collaborative epoch 7 failed: OSError: [Errno 28] No space left on device; "
+                     "trying again in 0 s (--upload_every)") == 2, err

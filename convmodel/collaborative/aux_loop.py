@@ -182,9 +182,10 @@ class AuxiliaryPeer:
             export_model(self.store.latest(), os.path.join(self.store.directory, EXPORT_FOLDER),
                          push_to_hub=options.push_to_hub, overwrite=True,
                          commit_message=f"Collaborative epoch {epoch} of run {self.peer.options.run_id}")
-        except (PushError, UserError) as exc:  # the swarm goes on; the next upload tries again
-            print(f"[convmodel] upload of collaborative epoch {epoch} failed: {user_message(exc) or exc}",
-                  file=sys.stderr, flush=True)
+        except Exception as exc:  # the swarm goes on; the next interval tries again (a full disk included)
+            reason = user_message(exc) or (str(exc) if isinstance(exc, PushError) else f"{type(exc).__name__}: {exc}")
+            print(f"[convmodel] upload of collaborative epoch {epoch} failed: {reason}; trying again in "
+                  f"{options.upload_every:g} s (--upload_every)", file=sys.stderr, flush=True)
             return
         self.uploaded_epoch = epoch
 
