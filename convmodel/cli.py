@@ -275,7 +275,6 @@ def main(argv: list[str] | None = None) -> None:
     enable_docstring_help()
     # we pass the arguments ourselves (with `fit` inserted); Lightning warns when sys.argv is also set
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-    from_command_line = argv is None
     argv = with_default_subcommand(sys.argv[1:] if argv is None else argv)
     try:
         exit_on_user_error(lambda: ConvmodelCLI(args=argv))
@@ -289,20 +288,6 @@ def main(argv: list[str] | None = None) -> None:
         if status is None:
             raise
         sys.exit(status)
-    finally:
-        if from_command_line:
-            exit_at_once_on_ctrl_c()
-
-
-def exit_at_once_on_ctrl_c() -> None:
-    """From here to the process's end a Ctrl-C exits 130 at once: the run is over (saved and summarized), and
-    what is left is the interpreter's shutdown (joins of hivemind's threads and processes), where Python's
-    own KeyboardInterrupt would print a traceback and end the process by the signal (status -2)."""
-    import signal
-    import threading
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, lambda signum, frame: os._exit(EXIT_SIGINT))
 
 
 def interrupt_exit_status(exc: SystemExit) -> int | None:
