@@ -59,3 +59,37 @@ def test_metrics_key_is_kept_next_to_the_identity_so_a_restarted_peer_signs_the_
     (tmp_path / "peer" / "identity.key.metrics_key").write_bytes(b"not a key")
     with pytest.raises(UserError, match=r"identity\.key\.metrics_key .*not a private key"):
         metrics_key(identity)
+
+
+def test_a_node_that_stops_answering_costs_a_request_seconds_not_the_bootstrap_timeout():
+    """Each DHT request waits hivemind's per-request timeout for a node's answer; bootstrap_timeout bounds the
+    start only (it was also every request's timeout: a dead node cost each get and store the whole of it)."""
+    import os
+    import signal
+    import time
+
+    from convmodel.collaborative.dht import DHT_REQUEST_TIMEOUT_S, start_dht
+
+    bootstrap_timeout = 60.0
+
+    def node(initial_peers):
+        return start_dht(initial_peers, ["/ip4/127.0.0.1/tcp/0"], None, None, False, False, False, False, False,
+                         False, bootstrap_timeout)
+
+    first = node([])
+    second = node([str(a) for a in first.get_visible_maddrs()])
+    try:
+        assert second.store("key", "value", expiration_time=time.time() + 60)
+        os.kill(first.pid, signal.SIGSTOP)  # its p2pd still accepts streams; its DHT process answers nothing
+        try:
+            started = time.monotonic()
+            second.get("another key", latest=True)
+            took = time.monotonic() - started
+        finally:
+            os.kill(first.pid, signal.SIGCONT)
+        # one request (or a few in parallel) to the silent node, each bounded by the per-request timeout
+        assert took < bootstrap_timeout / 2, f"a get waited {took:.1f} s on a silent node"
+        assert took >= DHT_REQUEST_TIMEOUT_S * 0.9, f"the get did not ask the silent node ({took:.1f} s)"
+    finally:
+        second.shutdown()
+        first.shutdown()

@@ -9,6 +9,7 @@ import logging
 import os
 import resource
 import sys
+from functools import partial
 
 from convmodel.errors import UserError
 
@@ -159,6 +160,50 @@ def _own_group_dying_with_parent() -> None:
 
 
 DHT_SHUTDOWN_S = 10.0
+#: seconds one DHT request (ping, store, find) waits for a node's answer: hivemind's default. A node that
+#: stopped answering then costs each get/store this long, not the whole bootstrap_timeout
+DHT_REQUEST_TIMEOUT_S = 3.0
+BOOTSTRAP_FAILED = "DHTNode bootstrap failed"  # hivemind's warning when its one round of pings found no one
+
+
+class _DropFirstBootstrapWarning(logging.Filter):
+    """Drop hivemind's "bootstrap failed" warning: its single round of pings is only our first try
+    (`_bootstrap` pings again until bootstrap_timeout, and a peer that finds no one gets our own error)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return BOOTSTRAP_FAILED not in record.getMessage()
+
+
+async def _bootstrap(_dht, node, initial_peers: list[str], timeout: float) -> bool:
+    """Runs in the DHT's process: ping the initial peers until one answers or `timeout` passes, then fill
+    the routing table; True when one answered.
+
+    hivemind pings them once, each ping bounded by the per-request timeout (wait_timeout), so a first
+    peer that takes longer than that to reach (a relay, a slow link) would fail the start; giving
+    wait_timeout the whole bootstrap_timeout instead made every request of the run wait that long on a
+    dead node.
+    """
+    import asyncio
+    import time
+
+    from hivemind.p2p import PeerID
+    from hivemind.utils.multiaddr import Multiaddr
+
+    peer_ids = {PeerID.from_base58(Multiaddr(address)["p2p"]) for address in initial_peers}
+    deadline = time.monotonic() + timeout
+    while True:
+        answers = await asyncio.gather(*(node.protocol.call_ping(peer, validate=True, strict=False)
+                                         for peer in peer_ids))
+        if any(answer is not None for answer in answers):
+            remaining = max(deadline - time.monotonic(), DHT_REQUEST_TIMEOUT_S)
+            try:
+                await asyncio.wait_for(node.find_nearest_nodes([node.node_id]), remaining)
+            except asyncio.TimeoutError:
+                pass  # the routing table fills as the run goes on
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(min(1.0, max(deadline - time.monotonic(), 0.0)))
 
 
 def start_dht(
@@ -182,6 +227,9 @@ def start_dht(
 
     raise_open_files_limit()
     _quiet_dead_sender_errors()
+    node_logger = logging.getLogger("hivemind.dht.node")
+    if not any(isinstance(f, _DropFirstBootstrapWarning) for f in node_logger.filters):
+        node_logger.addFilter(_DropFirstBootstrapWarning())
     _detach_p2pd_from_the_terminal()
     if identity_path:
         os.makedirs(os.path.dirname(os.path.abspath(identity_path)), exist_ok=True)
@@ -198,8 +246,9 @@ def start_dht(
             nat_port_map=nat_port_map,
             auto_nat=auto_nat,
             record_validators=list(record_validators),
-            wait_timeout=bootstrap_timeout,
+            wait_timeout=DHT_REQUEST_TIMEOUT_S,
             bootstrap_timeout=bootstrap_timeout,
+            ensure_bootstrap_success=False,  # _bootstrap below tries again until bootstrap_timeout
             startup_timeout=bootstrap_timeout,
             # hivemind's 3 s grace ran out on a loaded 2-core machine while the DHT closed its connections
             # ("terminating it the hard way"); the goodbye as a whole is bounded in SwarmPeer.leave
@@ -209,19 +258,28 @@ def start_dht(
         with sigint_ignored():  # the DHT process ignores a terminal's Ctrl-C from its first instruction on
             dht.start()
         dht.wait_until_ready()  # bounded by startup_timeout and bootstrap_timeout inside the DHT process
-        return dht
     except Exception as exc:
-        if initial_peers and "bootstrap" in str(exc).lower():
-            raise UserError(
-                f"trainer.strategy.init_args.initial_peers: none of {initial_peers} answered within "
-                f"{bootstrap_timeout:g} s (bootstrap_timeout). Check that the first peer is running, that the "
-                "address is the one it printed (the port changes on every start unless host_maddrs fixes it), "
-                "and that its port is reachable from here") from exc
-        if "identity" in str(exc).lower():
-            raise UserError(f"trainer.strategy.init_args.identity_path: {exc}; give each peer its own "
-                            "identity file") from exc
-        raise UserError(f"trainer.strategy: could not start the DHT: {exc} (check host_maddrs "
-                        f"{host_maddrs} and announce_maddrs {announce_maddrs})") from exc
+        raise _start_error(exc, initial_peers, host_maddrs, announce_maddrs, bootstrap_timeout) from exc
+    if initial_peers and not dht.run_coroutine(partial(_bootstrap, initial_peers=initial_peers,
+                                                       timeout=bootstrap_timeout)):
+        dht.shutdown()
+        raise _start_error(RuntimeError("bootstrap failed"), initial_peers, host_maddrs, announce_maddrs,
+                           bootstrap_timeout)
+    return dht
+
+
+def _start_error(exc: Exception, initial_peers, host_maddrs, announce_maddrs, bootstrap_timeout) -> UserError:
+    """The one message for a DHT that did not start (the caller raises it from `exc`)."""
+    if initial_peers and "bootstrap" in str(exc).lower():
+        return UserError(
+            f"trainer.strategy.init_args.initial_peers: none of {initial_peers} answered within "
+            f"{bootstrap_timeout:g} s (bootstrap_timeout). Check that the first peer is running, that the "
+            "address is the one it printed (the port changes on every start unless host_maddrs fixes it), "
+            "and that its port is reachable from here")
+    if "identity" in str(exc).lower():
+        return UserError(f"trainer.strategy.init_args.identity_path: {exc}; give each peer its own identity file")
+    return UserError(f"trainer.strategy: could not start the DHT: {exc} (check host_maddrs "
+                     f"{host_maddrs} and announce_maddrs {announce_maddrs})")
 
 
 def announce_addresses(dht, peers_file: str | None) -> list[str]:
