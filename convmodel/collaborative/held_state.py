@@ -5,6 +5,7 @@ stored checkpoint); it serves that state to joining peers only while it is a rea
 epoch is the one it reports (see SwarmState).
 """
 
+import sys
 import threading
 import warnings
 
@@ -30,14 +31,13 @@ class SwarmState:
     @classmethod
     def download_only(cls, peer, module_optimizer, scheduler):
         """A TrainingStateAverager like the trainers' (same prefix, tensors and schedule) and no optimizer."""
-        from hivemind.optim.state_averager import TrainingStateAverager
-
         from convmodel.collaborative.optimizer_rebuild import rebuild_optimizer, rebuild_scheduler
+        from convmodel.collaborative.state_check import checked_state_averager_class
 
         options = peer.options
         optimizer_factory, param_groups = rebuild_optimizer(module_optimizer, None, "norm")
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
-        averager = TrainingStateAverager(
+        averager = checked_state_averager_class()(  # a download that does not fit the config is refused
             dht=peer.dht, prefix=f"{options.run_id}_state_averager", optimizer=optimizer_factory,
             params=param_groups, scheduler=rebuild_scheduler(scheduler), offload_optimizer=False,
             client_mode=options.client_mode, allow_state_sharing=False,
@@ -80,6 +80,9 @@ class SwarmState:
             averager.local_epoch = held
             try:
                 averager.load_state_from_peers(timeout=self.options.load_state_timeout)
+                mismatch, averager.state_mismatch = getattr(averager, "state_mismatch", None), None
+                if mismatch:  # a peer of another config under this run_id: the held state stays
+                    print(f"[convmodel] refused the state a peer sent: {mismatch}", file=sys.stderr, flush=True)
             finally:
                 received = averager.local_epoch
                 self._set_local_epoch(max(own_epoch, received))

@@ -13,6 +13,8 @@
 hivemind is imported only when a peer starts, so the classes are built at the first call.
 """
 
+import sys
+
 _OPTIMIZER_CLASS = None
 _AVERAGER_CLASS = None
 
@@ -37,6 +39,8 @@ def _build_class():
         zero_grad leaves reused gradient buffers alone (Lightning calls it each step).
         """
 
+        refused_download: str | None = None  # why the last downloaded state was refused (state_check.py)
+
         def __init__(self, **kwargs):
             super().__init__(**kwargs)
             self._original_id = id(self)
@@ -51,8 +55,23 @@ def _build_class():
             # copies of the per-parameter dicts: what Lightning moves there stays beside the CPU parameters
             return {key: dict(value) if isinstance(value, dict) else value for key, value in state.items()}
 
+        def _make_state_averager(self, **kwargs):
+            from convmodel.collaborative.state_check import checked_state_averager_class
+
+            averager = super()._make_state_averager(**kwargs)
+            # the same object with a checked download (its process runs hivemind's code, which the check
+            # does not change: the check runs in this process, on what the download returns)
+            averager.__class__ = checked_state_averager_class()
+            return averager
+
         def load_state_from_peers(self, **kwargs):
+            # a state that does not fit is refused (state_check.py) and said here; this peer keeps its own.
+            # SwarmPeer.catch_up turns a refusal at the join into the run's error
             super().load_state_from_peers(**kwargs)
+            self.refused_download, self.state_averager.state_mismatch = self.state_averager.state_mismatch, None
+            if self.refused_download:
+                print(f"[convmodel] refused the state a peer sent: {self.refused_download}", file=sys.stderr,
+                      flush=True)
             _keep_configured(self.opt, self._configured, self.state_averager.scheduler)
 
         def __del__(self):

@@ -70,10 +70,12 @@ class SwarmPeer:
             self.peer_addresses = announce_addresses(self.dht, options.peers_file)
 
     def join(self, module_optimizer: torch.optim.Optimizer, scheduler=None, clip_val: float | None = None,
-             clip_algorithm: str = "norm", auxiliary: bool = False, extra_validators: list = ()):
+             clip_algorithm: str = "norm", auxiliary: bool = False, extra_validators: list = (),
+             parameter_names: list[str] = ()):
         """Check the options, start the DHT and build the hivemind.Optimizer; returns the optimizer.
 
         `auxiliary=True`: the auxiliary peer that helps average (hivemind's auxiliary mode).
+        `parameter_names`: the module's names of the optimizer's parameters (a refused download names them).
         """
         from convmodel.collaborative.averaging_failures import (
             AveragingFailureCounter,
@@ -90,6 +92,7 @@ class SwarmPeer:
         self.report = EpochReport(self.options.run_id, self.options.target_batch_size,
                                   AveragingFailureCounter().attach())
         self.optimizer = self._make_optimizer(module_optimizer, scheduler, clip_val, clip_algorithm, auxiliary)
+        self.optimizer.state_averager.tensor_names = list(parameter_names)
         return self.optimizer
 
     def _make_optimizer(self, module_optimizer, scheduler, clip_val, clip_algorithm: str, auxiliary: bool):
@@ -143,6 +146,8 @@ class SwarmPeer:
         opt = self.optimizer
         before = opt.local_epoch
         opt.load_state_from_peers()  # keeps ours if the swarm is behind (a resumed peer that is ahead)
+        if opt.refused_download:  # another model or optimizer under this run_id: nothing to train with
+            raise UserError(f"{OPTION}: cannot join run {self.options.run_id!r}: {opt.refused_download}")
         sync_scheduler(opt)
         run_id = self.options.run_id
         if opt.local_epoch != before:
