@@ -30,7 +30,7 @@ def test_a_state_of_another_shape_or_dtype_or_count_is_named():
     # shapes that broadcast (copy_ would take them silently) are refused too
     assert "encoder.bias is [1]" in state_mismatch(own, [own[0], torch.zeros(1), own[2]], names)
     codes = [own[0], own[1], torch.zeros(3)]
-    assert "tensor 2 (optimizer state) is [3] float32, this peer's [3] uint8" in state_mismatch(own, codes, names)
+    assert "tensor 2 of the state is [3] float32, this peer's [3] uint8" in state_mismatch(own, codes, names)
     assert state_mismatch(own, own[:2], names).startswith("the swarm's state has 2 tensors, this peer's model "
                                                           "and optimizer 3")
 
@@ -38,7 +38,7 @@ def test_a_state_of_another_shape_or_dtype_or_count_is_named():
 def test_a_non_finite_tensor_is_found_by_name():
     state = [torch.zeros(2), torch.tensor([1.0, math.nan]), torch.zeros(2, dtype=torch.uint8)]
     assert first_non_finite(state, ["a", "b"]) == "b"
-    assert first_non_finite([torch.tensor([math.inf])], []) == "tensor 0 (optimizer state)"
+    assert first_non_finite([torch.tensor([math.inf])], []) == "tensor 0 of the state"
     assert first_non_finite(state[:1] + state[2:], ["a"]) is None
 
 

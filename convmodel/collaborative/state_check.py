@@ -5,8 +5,9 @@ without looking at them: a peer of the same run_id with another model size makes
 after the optimizer state was already overwritten (hivemind.Optimizer then retries the download
 forever, one traceback each time), and shapes that broadcast or a non-finite tensor pass silently.
 Here the received tensors must match this peer's in number, shape and dtype, and be finite; a
-state that does not is refused whole, and the peer (trainer or auxiliary) stops with one error
-naming the first tensor that differs.
+state that does not is refused whole and nothing of it is applied. A joining trainer then stops
+with one error naming the first tensor that differs (swarm_peer.catch_up); a trainer already
+training and the auxiliary peer say so and keep their own state.
 """
 
 import sys
@@ -87,7 +88,7 @@ def first_non_finite(received: Sequence, names: Sequence[str] = ()) -> str | Non
 
 
 def tensor_name(index: int, names: Sequence[str]) -> str:
-    return names[index] if index < len(names) else f"tensor {index} (optimizer state)"
+    return names[index] if index < len(names) else f"tensor {index} of the state"
 
 
 def parameter_names(module, optimizer) -> list[str]:
