@@ -1,9 +1,9 @@
 """A downloaded swarm state that does not fit this peer is refused before any of it is applied.
 
-The unit tests check the comparison on real tensors; the swarm test starts a real first peer and a
-joiner of the same run_id with another hidden size, which must stop with one error naming the tensor
-and both shapes (before, hivemind retried the download forever, one traceback per try, and the
-joiner never exited).
+The unit tests check the comparisons on real tensors and real model configs; the swarm test starts a
+real first peer and a joiner of the same run_id with another hidden size, which must stop with one
+error naming the setting, the serving peer and both values (before, hivemind retried the download
+forever, one traceback per try, and the joiner never exited).
 """
 
 import json
@@ -17,7 +17,13 @@ pytest.importorskip("hivemind")
 
 from test_collaborative import STARTUP_S, TINY_BERT, Peer, peer_args, shards, wait_for_file  # noqa: E402, F401
 
-from convmodel.collaborative.state_check import first_non_finite, parameter_names, state_mismatch  # noqa: E402
+from convmodel.collaborative.state_check import (  # noqa: E402
+    first_non_finite,
+    model_schema,
+    parameter_names,
+    schema_mismatch,
+    state_mismatch,
+)
 
 
 def test_a_state_of_another_shape_or_dtype_or_count_is_named():
@@ -40,6 +46,27 @@ def test_a_non_finite_tensor_is_found_by_name():
     assert first_non_finite(state, ["a", "b"]) == "b"
     assert first_non_finite([torch.tensor([math.inf])], []) == "tensor 0 of the state"
     assert first_non_finite(state[:1] + state[2:], ["a"]) is None
+
+
+def test_a_schema_names_the_settings_that_differ_and_ignores_floats_and_runtime_switches():
+    from types import SimpleNamespace
+
+    from transformers import BertConfig
+
+    def schema(**settings):
+        config = BertConfig(**{**TINY_BERT, **settings})
+        return model_schema(SimpleNamespace(model=SimpleNamespace(config=config)), torch.optim.AdamW([torch.zeros(1)]))
+
+    own = schema()
+    assert own["hidden_size"] == TINY_BERT["hidden_size"] and own["optimizer"] == "AdamW"
+    assert schema_mismatch(own, {**schema(hidden_dropout_prob=0.5, use_cache=False), "peer": "12D3KooWx"}) is None
+    served = {**schema(hidden_size=64, num_attention_heads=4), "peer": "12D3KooWx"}
+    message = schema_mismatch(own, served)
+    assert message.startswith(f"peer 12D3KooWx serves hidden_size 64, num_attention_heads 4; this config has "
+                              f"hidden_size {TINY_BERT['hidden_size']}, num_attention_heads "
+                              f"{TINY_BERT['num_attention_heads']}; peers of one run_id"), message
+    sgd = {**own, "optimizer": "SGD"}
+    assert "serves optimizer SGD; this config has optimizer AdamW" in schema_mismatch(own, sgd)
 
 
 def test_parameter_names_follow_the_optimizers_order():
@@ -72,7 +99,7 @@ def test_a_joiner_with_another_hidden_size_stops_with_one_error_naming_it(shards
     output = joiner.output()
     errors = [line for line in output.splitlines() if line.startswith("error: ")]
     assert status == 2 and len(errors) == 1, output[-4000:]
-    assert re.match(r"error: trainer\.strategy[\w.]*: cannot join run 'bert_tiny': the swarm's [\w.]+ is \[[\d, ]*32[\d, ]*\] "
-                    r"float32, this peer's \[[\d, ]*64[\d, ]*\] float32; peers of one run_id must train one model",
-                    errors[0]), errors[0]
+    # the serving peer's schema came with its state: the error names the setting, the peer and both values
+    assert re.match(r"error: trainer\.strategy[\w.]*: cannot join run 'bert_tiny': peer 12D3\w+ serves hidden_size 32; "
+                    r"this config has hidden_size 64; peers of one run_id must train one model", errors[0]), errors[0]
     assert "Failed to load state from peers" not in output and "must match the size" not in output, output[-4000:]

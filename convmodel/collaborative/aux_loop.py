@@ -59,12 +59,12 @@ class AuxiliaryPeer:
         if options.assist_in_averaging:
             opt = peer.join(optimizer, scheduler, self.trainer.gradient_clip_val,
                             str(self.trainer.gradient_clip_algorithm or "norm"), auxiliary=True,
-                            extra_validators=validators)
+                            extra_validators=validators, module=self.module)
             self.state = SwarmState(peer.options, opt.state_averager, opt)
         else:
             peer.start_dht(validators)
             if self.store is not None:
-                self.state = SwarmState.download_only(peer, optimizer, scheduler)
+                self.state = SwarmState.download_only(peer, optimizer, scheduler, self.module)
                 peer.companions.append(self.state.averager)  # stopped with the DHT when we stop at once
         self.monitor = SwarmMonitor(peer.dht, peer.options.run_id, options.logdir)
         self._signals.install()  # after the DHT and averagers started: hivemind sets SIGINT to "ignore" first

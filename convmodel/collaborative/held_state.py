@@ -29,10 +29,10 @@ class SwarmState:
         self.epoch: int | None = None
 
     @classmethod
-    def download_only(cls, peer, module_optimizer, scheduler):
-        """A TrainingStateAverager like the trainers' (same prefix, tensors and schedule) and no optimizer."""
+    def download_only(cls, peer, module_optimizer, scheduler, module):
+        """A TrainingStateAverager like the trainers' (same prefix, tensors, schedule and schema) and no optimizer."""
         from convmodel.collaborative.optimizer_rebuild import rebuild_optimizer, rebuild_scheduler
-        from convmodel.collaborative.state_check import checked_state_averager_class
+        from convmodel.collaborative.state_check import checked_state_averager_class, describe_state
 
         options = peer.options
         optimizer_factory, param_groups = rebuild_optimizer(module_optimizer, None, "norm")
@@ -43,6 +43,7 @@ class SwarmState:
             client_mode=options.client_mode, allow_state_sharing=False,
             min_matchmaking_time=options.matchmaking_time, next_chunk_timeout=options.next_chunk_timeout,
             request_timeout=options.request_timeout, start=True)
+        describe_state(averager, module, module_optimizer)
         return cls(options, averager)
 
     def load_checkpoint(self, checkpoint: dict, module) -> int:

@@ -30,15 +30,19 @@ def checked_state_averager_class():
 
             state_mismatch: str | None = None
             tensor_names: Sequence[str] = ()
+            schema: dict | None = None  # this peer's model_schema, sent with the state it serves
 
             def load_state_from_peers(self, **kwargs):
                 loaded = super().load_state_from_peers(**kwargs)
                 if loaded is None:
                     return None
-                self.state_mismatch = state_mismatch(own_state_tensors(self), loaded[1], self.tensor_names)
+                metadata, tensors = loaded
+                served = metadata.get(SCHEMA_KEY) if isinstance(metadata, dict) else None
+                self.state_mismatch = (schema_mismatch(self.schema, served) if self.schema and isinstance(served, dict)
+                                       else None) or state_mismatch(own_state_tensors(self), tensors, self.tensor_names)
                 if self.state_mismatch:
                     return None
-                poisoned = first_non_finite(loaded[1], self.tensor_names)
+                poisoned = first_non_finite(tensors, self.tensor_names)
                 if poisoned:
                     print(f"[convmodel] refused the state a peer sent: its {poisoned} holds NaN or infinite "
                           "values; this peer keeps its own", file=sys.stderr, flush=True)
@@ -46,13 +50,57 @@ def checked_state_averager_class():
                 return loaded
 
         class CheckedTrainingStateAverager(TrainingStateAverager, CheckedDownload):
-            """TrainingStateAverager whose downloads are checked (CheckedDownload runs under its own method)."""
+            """TrainingStateAverager whose downloads are checked (CheckedDownload runs under its own method) and
+            whose served state carries its schema.
+
+            Build it directly, not by changing an instance's class: hivemind's state-serving thread holds
+            the get_current_state of the class the averager was built with.
+            """
+
+            def get_current_state(self):
+                metadata, tensors, infos = super().get_current_state()
+                if self.schema:
+                    metadata = {**metadata, SCHEMA_KEY: {**self.schema, "peer": str(self.dht.peer_id)}}
+                return metadata, tensors, infos
 
         # hivemind names its RPC protocols after the class ("<prefix>::TrainingStateAverager.rpc_download_state"):
         # under our own name, the trainers and this peer could not download from each other
         CheckedTrainingStateAverager.__name__ = CheckedTrainingStateAverager.__qualname__ = "TrainingStateAverager"
         _CHECKED_CLASS = CheckedTrainingStateAverager
     return _CHECKED_CLASS
+
+
+SCHEMA_KEY = "convmodel_schema"  # in the metadata of a served state; hivemind's own keys are left as they are
+#: config entries that change how a model runs, not what it is: peers may differ in them
+RUNTIME_SETTINGS = frozenset({"use_cache", "return_dict", "output_attentions", "output_hidden_states", "torchscript",
+                              "gradient_checkpointing", "transformers_version", "dtype", "torch_dtype",
+                              "architectures", "problem_type", "tokenizer_class", "chunk_size_feed_forward"})
+FIX = ("peers of one run_id must train one model with one optimizer config: check model.init_args "
+       "(config, optimizer) against the swarm's, or give this run another trainer.strategy.init_args.run_id")
+
+
+def model_schema(module, optimizer) -> dict:
+    """What the peers of one run must share: the model config's whole-number, text and yes/no settings
+    (sizes, counts, vocabulary, architecture switches) and the optimizer's class.
+
+    Floats (dropout, eps, init ranges) are left out: peers may tune them without breaking the swarm.
+    """
+    config = getattr(getattr(module, "model", None), "config", None)
+    settings = config.to_dict() if config is not None else {}
+    schema = {key: value for key, value in sorted(settings.items())
+              if not key.startswith("_") and key not in RUNTIME_SETTINGS and isinstance(value, bool | int | str)}
+    schema["optimizer"] = type(optimizer).__name__
+    return schema
+
+
+def schema_mismatch(own: dict, served: dict) -> str | None:
+    """The settings in which a served state's schema differs from this peer's (None when none does)."""
+    differing = [key for key in own if key != "peer" and key in served and served[key] != own[key]]
+    if not differing:
+        return None
+    theirs = ", ".join(f"{key} {served[key]}" for key in differing)
+    ours = ", ".join(f"{key} {own[key]}" for key in differing)
+    return f"peer {served.get('peer', '(unnamed)')} serves {theirs}; this config has {ours}; {FIX}"
 
 
 def own_state_tensors(averager) -> list:
@@ -65,15 +113,13 @@ def own_state_tensors(averager) -> list:
 
 def state_mismatch(own: Sequence, received: Sequence, names: Sequence[str] = ()) -> str | None:
     """What makes `received` unfit to replace `own` (None when it fits), naming the first tensor that differs."""
-    fix = ("peers of one run_id must train one model with one optimizer config: check model.init_args "
-           "(config, optimizer) against the swarm's, or give this run another trainer.strategy.init_args.run_id")
     if len(received) != len(own):
-        return (f"the swarm's state has {len(received)} tensors, this peer's model and optimizer {len(own)}; {fix}")
+        return (f"the swarm's state has {len(received)} tensors, this peer's model and optimizer {len(own)}; {FIX}")
     for index, (mine, theirs) in enumerate(zip(own, received)):
         if tuple(theirs.shape) != tuple(mine.shape) or theirs.dtype != mine.dtype:
             return (f"the swarm's {tensor_name(index, names)} is {list(theirs.shape)} "
                     f"{str(theirs.dtype).removeprefix('torch.')}, this peer's {list(mine.shape)} "
-                    f"{str(mine.dtype).removeprefix('torch.')}; {fix}")
+                    f"{str(mine.dtype).removeprefix('torch.')}; {FIX}")
     return None
 
 
@@ -89,6 +135,12 @@ def first_non_finite(received: Sequence, names: Sequence[str] = ()) -> str | Non
 
 def tensor_name(index: int, names: Sequence[str]) -> str:
     return names[index] if index < len(names) else f"tensor {index} of the state"
+
+
+def describe_state(averager, module, optimizer) -> None:
+    """Give a checked averager what its checks name and send: the module's parameter names and schema."""
+    averager.tensor_names = parameter_names(module, optimizer)
+    averager.schema = model_schema(module, optimizer)
 
 
 def parameter_names(module, optimizer) -> list[str]:

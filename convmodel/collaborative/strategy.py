@@ -22,7 +22,6 @@ from typing_extensions import override
 from convmodel.collaborative.compression import CompressionName
 from convmodel.collaborative.optimizer_rebuild import rebuild_optimizer
 from convmodel.collaborative.signals import StopOnSignal, restore_handlers
-from convmodel.collaborative.state_check import parameter_names
 from convmodel.collaborative.swarm_options import SwarmOptions
 from convmodel.collaborative.swarm_peer import SwarmPeer
 from convmodel.errors import UserError
@@ -180,7 +179,7 @@ class HivemindStrategy(SingleDeviceStrategy):
         before = {signal.SIGINT: signal.getsignal(signal.SIGINT)}  # hivemind sets SIGINT to "ignore"
         try:
             self.peer.join(self.optimizers[0], scheduler, trainer.gradient_clip_val, clip_algorithm,
-                           parameter_names=parameter_names(self.lightning_module, self.optimizers[0]))
+                           module=self.lightning_module)
         finally:
             if self.peer.optimizer is not None:
                 self._stop_on_ctrl_c.install(previous=before)

@@ -58,11 +58,14 @@ def _build_class():
         def _make_state_averager(self, **kwargs):
             from convmodel.collaborative.state_check import checked_state_averager_class
 
-            averager = super()._make_state_averager(**kwargs)
-            # the same object with a checked download (its process runs hivemind's code, which the check
-            # does not change: the check runs in this process, on what the download returns)
-            averager.__class__ = checked_state_averager_class()
-            return averager
+            # hivemind's own arguments (hivemind/optim/optimizer.py, 1.1.12) with the checked class, built as
+            # such so that its state-serving thread sends the schema (state_check.py)
+            return checked_state_averager_class()(
+                dht=self.dht, prefix=f"{self.run_id}_state_averager", min_matchmaking_time=self.matchmaking_time,
+                allreduce_timeout=self.allreduce_timeout, shutdown_timeout=self.shutdown_timeout,
+                offload_optimizer=self.offload_optimizer, custom_gradients=self.offload_optimizer,
+                status_loglevel=self.status_loglevel, next_chunk_timeout=self.next_chunk_timeout,
+                client_mode=self.client_mode, auxiliary=self.auxiliary, start=True, **kwargs)
 
         def load_state_from_peers(self, **kwargs):
             # a state that does not fit is refused (state_check.py) and said here; this peer keeps its own.

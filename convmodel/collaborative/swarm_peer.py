@@ -22,6 +22,7 @@ import torch
 
 from convmodel.collaborative.nan_guard import NanGuard, grads_finite, params_finite, wait_for_delayed_updates
 from convmodel.collaborative.optimizer_rebuild import rebuild_optimizer, rebuild_scheduler, sync_scheduler
+from convmodel.collaborative.state_check import describe_state
 from convmodel.collaborative.swarm_options import OPTION, SwarmOptions
 from convmodel.errors import UserError
 
@@ -70,12 +71,12 @@ class SwarmPeer:
             self.peer_addresses = announce_addresses(self.dht, options.peers_file)
 
     def join(self, module_optimizer: torch.optim.Optimizer, scheduler=None, clip_val: float | None = None,
-             clip_algorithm: str = "norm", auxiliary: bool = False, extra_validators: list = (),
-             parameter_names: list[str] = ()):
+             clip_algorithm: str = "norm", auxiliary: bool = False, extra_validators: list = (), module=None):
         """Check the options, start the DHT and build the hivemind.Optimizer; returns the optimizer.
 
         `auxiliary=True`: the auxiliary peer that helps average (hivemind's auxiliary mode).
-        `parameter_names`: the module's names of the optimizer's parameters (a refused download names them).
+        `module`: the model being trained; a downloaded state is checked against its schema and a refused one
+        names its parameters (state_check.py).
         """
         from convmodel.collaborative.averaging_failures import (
             AveragingFailureCounter,
@@ -92,7 +93,8 @@ class SwarmPeer:
         self.report = EpochReport(self.options.run_id, self.options.target_batch_size,
                                   AveragingFailureCounter().attach())
         self.optimizer = self._make_optimizer(module_optimizer, scheduler, clip_val, clip_algorithm, auxiliary)
-        self.optimizer.state_averager.tensor_names = list(parameter_names)
+        if module is not None:
+            describe_state(self.optimizer.state_averager, module, module_optimizer)
         return self.optimizer
 
     def _make_optimizer(self, module_optimizer, scheduler, clip_val, clip_algorithm: str, auxiliary: bool):
