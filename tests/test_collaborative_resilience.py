@@ -19,6 +19,7 @@ pytest.importorskip("hivemind")
 
 from test_collaborative import (  # noqa: E402, F401
     STARTUP_S,
+    STRATEGY,
     TINY_BERT,
     Peer,
     checkpoint,
@@ -228,6 +229,34 @@ def test_resumed_peer_keeps_its_collaborative_epoch_and_learning_rate(shards, to
     # what Lightning logged at each batch (the epoch it trains in): 4 and 5, never back to 0
     logged = [v for _, v in scalars(resumed, "collab/epoch")]
     assert logged == sorted(logged) and set(logged) == {4.0, 5.0}, logged
+    assert checkpoint(resumed)["convmodel"]["collaborative"] == {"run_id": "bert_tiny", "epoch": 6}
+
+    # a live swarm behind the checkpoint (a fresh peer of the same run, at epoch 0 for minutes: alone it needs
+    # 10,000 samples an epoch): resuming into it is refused with one error, since its peers would download
+    # the checkpoint and drop their training
+    slow = {**alone, "target_batch_size": 10_000}
+    live = Peer(tmp_path / "live", peer_args(shards, tokenizer_dir, max_collaborative_epochs=10_000, peers_file="peers.txt",
+                                             **slow))
+    ahead = None
+    try:
+        address = wait_for_file(tmp_path / "live" / "peers.txt", live, STARTUP_S).split()[0]
+        live.wait_for(r"training run 'bert_tiny' from collaborative epoch 0", STARTUP_S)  # it reports progress now
+        joining = peer_args(shards, tokenizer_dir, max_collaborative_epochs=8, initial_peers=[address], **alone)
+        ahead = Peer(workdir, [*joining, "--ckpt_path", "last"])
+        status = ahead.wait_exit(STARTUP_S)
+        refused = ahead.output()
+        # with the option the swarm continues from the checkpoint: the live peer downloads epoch 6
+        ahead = Peer(workdir, [*joining, "--ckpt_path", "last", STRATEGY + "resume_ahead_of_swarm", "true"])
+        ahead.wait_for(r"training run 'bert_tiny' from collaborative epoch 6 \(no peer further ahead\)", STARTUP_S)
+        live.wait_for(r"Finished downloading state", STARTUP_S)
+    finally:
+        for peer in (live, ahead):
+            if peer is not None:
+                peer.kill()
+    errors = [line for line in refused.splitlines() if line.startswith("error: ")]
+    assert status == 2 and len(errors) == 1, refused[-4000:]
+    assert re.match(r"error: trainer\.strategy\.init_args: this peer resumed run 'bert_tiny' at collaborative epoch 6, "
+                    r"but the live swarm \(1 peer\) is at epoch 0: .*resume_ahead_of_swarm: true", errors[0]), errors
 
 
 # ---- NaN/inf: skip and restore ---------------------------------------------------------------------------

@@ -103,3 +103,17 @@ def test_a_joiner_with_another_hidden_size_stops_with_one_error_naming_it(shards
     assert re.match(r"error: trainer\.strategy[\w.]*: cannot join run 'bert_tiny': peer 12D3\w+ serves hidden_size 32; "
                     r"this config has hidden_size 64; peers of one run_id must train one model", errors[0]), errors[0]
     assert "Failed to load state from peers" not in output and "must match the size" not in output, output[-4000:]
+
+
+def test_a_checkpoint_of_another_run_is_refused_with_the_run_ids():
+    from convmodel.collaborative.run_identity import check_checkpoint_run, record_run
+    from convmodel.errors import UserError
+
+    checkpoint = {"convmodel": {"vocab_size": 1000}}
+    record_run(checkpoint, "bert_tiny", 6)
+    assert checkpoint["convmodel"] == {"vocab_size": 1000, "collaborative": {"run_id": "bert_tiny", "epoch": 6}}
+    check_checkpoint_run(checkpoint, "bert_tiny")
+    check_checkpoint_run({"convmodel": {}}, "bert_tiny")  # saved before runs were recorded: taken as it is
+    with pytest.raises(UserError, match=r"saved in run 'bert_tiny', but trainer\.strategy\.init_args\.run_id is "
+                                        r"'other'; resume it with run_id 'bert_tiny'"):
+        check_checkpoint_run(checkpoint, "other")

@@ -21,6 +21,7 @@ from typing_extensions import override
 
 from convmodel.collaborative.compression import CompressionName
 from convmodel.collaborative.optimizer_rebuild import rebuild_optimizer
+from convmodel.collaborative.run_identity import check_checkpoint_run, record_run
 from convmodel.collaborative.signals import StopOnSignal, restore_handlers
 from convmodel.collaborative.swarm_options import SwarmOptions
 from convmodel.collaborative.swarm_peer import SwarmPeer
@@ -70,6 +71,8 @@ class HivemindStrategy(SingleDeviceStrategy):
             collaborative epochs, restored when a step gives non-finite parameters (0 turns it off).
         peers_file: Write this peer's addresses here (one a line) once the DHT has started.
         verbose: Log each hivemind step (matchmaking, averaging, epoch changes).
+        resume_ahead_of_swarm: Let a peer resumed from a checkpoint further along than every live peer join
+            (the swarm then continues from this checkpoint); refused by default (run_identity.py).
     """
 
     strategy_name = "hivemind"
@@ -109,6 +112,7 @@ class HivemindStrategy(SingleDeviceStrategy):
         backup_every_epochs: int = 10,
         peers_file: str | None = None,
         verbose: bool = False,
+        resume_ahead_of_swarm: bool = False,
     ):
         super().__init__(device="cpu")
         # filled in by Lightning's accelerator connector from trainer.accelerator/devices
@@ -214,8 +218,15 @@ class HivemindStrategy(SingleDeviceStrategy):
 
     @override
     def load_optimizer_state_dict(self, checkpoint) -> None:
+        check_checkpoint_run(checkpoint, self.options.run_id)
         super().load_optimizer_state_dict(checkpoint)
         self.peer.after_checkpoint_load()
+
+    @override
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
+        if self.peer.optimizer is not None:
+            record_run(checkpoint, self.options.run_id, self.peer.optimizer.local_epoch)
+        super().save_checkpoint(checkpoint, filepath, storage_options)
 
     @override
     def on_train_start(self) -> None:

@@ -58,6 +58,7 @@ class SwarmOptions:
     backup_every_epochs: int = 10
     peers_file: str | None = None
     verbose: bool = False
+    resume_ahead_of_swarm: bool = False
 
     @property
     def request_timeout(self) -> float:

@@ -22,6 +22,7 @@ import torch
 
 from convmodel.collaborative.nan_guard import NanGuard, grads_finite, params_finite, wait_for_delayed_updates
 from convmodel.collaborative.optimizer_rebuild import rebuild_optimizer, rebuild_scheduler, sync_scheduler
+from convmodel.collaborative.run_identity import epochs_of_other_peers, refuse_resume_ahead
 from convmodel.collaborative.state_check import describe_state
 from convmodel.collaborative.swarm_options import OPTION, SwarmOptions
 from convmodel.errors import UserError
@@ -41,6 +42,7 @@ class SwarmPeer:
         #: state averager): stopped with them when the peer stops at once
         self.companions: list = []
         self._signer = None
+        self.resumed = False  # a checkpoint's optimizer state was loaded (its epoch is checked at catch_up)
 
     # ---- joining ------------------------------------------------------------------------------
 
@@ -147,6 +149,8 @@ class SwarmPeer:
         """Before the first step: take the swarm's state if a peer is further ahead, then report from here."""
         opt = self.optimizer
         before = opt.local_epoch
+        if self.resumed and not self.options.resume_ahead_of_swarm:
+            refuse_resume_ahead(before, epochs_of_other_peers(opt), self.options.run_id)
         opt.load_state_from_peers()  # keeps ours if the swarm is behind (a resumed peer that is ahead)
         if opt.refused_download:  # another model or optimizer under this run_id: nothing to train with
             raise UserError(f"{OPTION}: cannot join run {self.options.run_id!r}: {opt.refused_download}")
@@ -164,6 +168,7 @@ class SwarmPeer:
     def after_checkpoint_load(self) -> None:
         """A checkpoint's optimizer state carries local_epoch: the schedule must follow it."""
         if self.optimizer is not None:
+            self.resumed = True
             sync_scheduler(self.optimizer)
 
     # ---- stepping ------------------------------------------------------------------------------
