@@ -83,8 +83,8 @@ def test_survivors_keep_training_when_a_peer_leaves_cleanly_and_when_one_is_kill
     """Three peers; the second leaves with Ctrl-C (SIGINT), then the third is SIGKILLed.
 
     The first peer must keep printing epochs: after the clean leave each within one matchmaking round
-    (plus slack) and counting 2 peers at once; after the kill each within one averaging_timeout +
-    matchmaking round (plus slack), and counting itself alone once the dead peer's report expires.
+    (plus slack) and counting 2 peers at once; after the kill it loses one averaging_timeout in all
+    (plus slack) and counts itself alone from the epoch after the failed round.
     """
     first = second = third = None
     try:
@@ -133,15 +133,19 @@ def test_survivors_keep_training_when_a_peer_leaves_cleanly_and_when_one_is_kill
     # the clean leave: no round waits for the leaver, and it stops being counted within a round or two
     assert max(s for _, s in after_leave) < MATCHMAKING_TIME + SLACK_S, output
     assert [p for p, _ in after_leave][2:] == [2, 2], output
-    # the kill: no round waits longer than averaging_timeout, and the dead peer is dropped once its
-    # progress report expires
-    assert max(after_kill) < AVERAGING_TIMEOUT + MATCHMAKING_TIME + SLACK_S, output
-    assert sum(after_kill) < METADATA_EXPIRATION + 2 * AVERAGING_TIMEOUT + MATCHMAKING_TIME + SLACK_S, output
+    # the kill costs one averaging round at most: the round that waited for the dead peer fails after
+    # averaging_timeout, the survivor pings the others (liveness.py) and counts itself alone from the next
+    # epoch on, instead of waiting a round per epoch until the dead peer's progress report expired (3 rounds
+    # here before: the gradient round, then the state round decided before the report was gone)
+    assert sum(after_kill) < AVERAGING_TIMEOUT + MATCHMAKING_TIME + SLACK_S, output
     assert max(alone) < MATCHMAKING_TIME + SLACK_S, output
-    # the rounds that waited for the dead peer are reported as failed (hivemind logs them only at DEBUG)
-    failed = [int(e) for e in re.findall(r"collaborative epoch (\d+) \([^)]*averaging round\(s\) failed\)",
-                                         first.output())]
-    assert any(killed_at < e <= alone_at for e in failed), output
+    # the rounds that waited for the dead peer are reported as failed (hivemind logs them only at DEBUG):
+    # one epoch's, its gradient round and at most its state round
+    failed = {int(e): int(n) for e, n in re.findall(
+        r"collaborative epoch (\d+) \([^)]*, (\d+) averaging round\(s\) failed\)", first.output())}
+    after = {e: n for e, n in failed.items() if killed_at < e <= alone_at}
+    assert len(after) == 1 and sum(after.values()) <= 2, (after, output)
+    assert "did not answer after a failed averaging round" in first.output(), output
 
 
 # ---- signed, schema-checked metrics records ------------------------------------------------------------

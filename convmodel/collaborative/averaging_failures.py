@@ -16,8 +16,9 @@ STATE_LOGGER, STATE_FAILED = "hivemind.optim.state_averager", "Averaging failed 
 class AveragingFailureCounter(logging.Filter):
     """A filter on hivemind's optimizer and state averager loggers: counts failures, hides DEBUG noise."""
 
-    def __init__(self):
+    def __init__(self, on_failure=None):
         super().__init__()
+        self.on_failure = on_failure  # called after each failed round (liveness.py pings the other peers)
         self.gradients = 0  # rounds that fell back to local gradients
         self.state = 0  # parameter/optimizer-state rounds that failed
         self._levels: dict[str, int] = {}  # each logger's own level, restored by detach
@@ -25,10 +26,15 @@ class AveragingFailureCounter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
+        failed = False
         if record.name == GRADIENTS_LOGGER and message.startswith(GRADIENTS_FAILED):
             self.gradients += 1
+            failed = True
         elif record.name == STATE_LOGGER and message.startswith(STATE_FAILED):
             self.state += 1
+            failed = True
+        if failed and self.on_failure is not None:
+            self.on_failure()
         return record.levelno >= self._shown.get(record.name, logging.NOTSET)
 
     def attach(self) -> "AveragingFailureCounter":

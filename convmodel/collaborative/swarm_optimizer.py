@@ -67,6 +67,14 @@ def _build_class():
                 status_loglevel=self.status_loglevel, next_chunk_timeout=self.next_chunk_timeout,
                 client_mode=self.client_mode, auxiliary=self.auxiliary, start=True, **kwargs)
 
+        def _make_progress_tracker(self, target_batch_size: int, **kwargs):
+            from convmodel.collaborative.liveness import live_progress_tracker_class
+
+            # hivemind's own arguments (hivemind/optim/optimizer.py, 1.1.12) with a tracker that drops dead peers
+            return live_progress_tracker_class()(
+                dht=self.dht, prefix=self.run_id, target_batch_size=target_batch_size, client_mode=self.client_mode,
+                status_loglevel=self.status_loglevel, start=True, **kwargs)
+
         def load_state_from_peers(self, **kwargs):
             # a state that does not fit is refused (state_check.py) and said here; this peer keeps its own.
             # SwarmPeer.catch_up turns a refusal at the join into the run's error

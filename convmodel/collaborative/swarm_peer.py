@@ -93,11 +93,17 @@ class SwarmPeer:
         self.start_dht(list(extra_validators))
         quiet_cancelled_round_errors()
         self.report = EpochReport(self.options.run_id, self.options.target_batch_size,
-                                  AveragingFailureCounter().attach())
+                                  AveragingFailureCounter(on_failure=self._check_peers).attach())
         self.optimizer = self._make_optimizer(module_optimizer, scheduler, clip_val, clip_algorithm, auxiliary)
         if module is not None:
             describe_state(self.optimizer.state_averager, module, module_optimizer)
         return self.optimizer
+
+    def _check_peers(self) -> None:
+        """After a failed averaging round: ping the other peers, stop counting the dead (liveness.py)."""
+        tracker = getattr(self.optimizer, "tracker", None)
+        if tracker is not None and hasattr(tracker, "check_peers"):
+            tracker.check_peers()
 
     def _make_optimizer(self, module_optimizer, scheduler, clip_val, clip_algorithm: str, auxiliary: bool):
         from convmodel.collaborative.compression import build_compression
