@@ -86,8 +86,9 @@ def live_progress_tracker_class():
                     return
                 for peer_id in dead:
                     self.gone[peer_id] = records[peer_id]
-                with self.lock_global_progress:  # count without them from now on, not from the next fetch
-                    self.global_progress = self._parse_swarm_progress_data(self._last_records)
+                # count without them from now on, not from the next fetch. Not under lock_global_progress: a
+                # failed gradient round is logged inside hivemind's pause_updates, which holds it (a deadlock)
+                self.global_progress = self._parse_swarm_progress_data(self._last_records)
                 names = ", ".join(_peer_name(peer_id) for peer_id in dead)
                 print(f"[convmodel] {names} did not answer after a failed averaging round: no longer counted "
                       "until it reports again", file=sys.stderr, flush=True)
