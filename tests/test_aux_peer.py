@@ -555,6 +555,18 @@ def test_a_state_served_at_an_absurd_epoch_is_refused_and_never_stored(tmp_path,
     assert checkpoint_epoch(stored_state) == 4
     torch.testing.assert_close(stored_state["state_dict"]["layer.weight"], honest_module.layer.weight.detach())
 
+    # restarted on a folder whose only checkpoint an older version stored from the liar: the swarm's records
+    # (epoch 4 a moment ago) say it cannot be, so it is not loaded and not served
+    poisoned = tmp_path / "poisoned"
+    poisoned.mkdir()
+    stored_state["optimizer_states"][0]["state"]["local_epoch"] = 10**9
+    torch.save(stored_state, poisoned / "epoch-1000000000.ckpt")
+    aux.store, aux.peer = CheckpointStore(str(poisoned)), SimpleNamespace(options=SimpleNamespace(run_id=run))
+    aux._load_stored()
+    assert aux.stored_epoch == 4 and aux.state.epoch == 4
+    assert re.search(r"passed over .*epoch-1000000000\.ckpt: its collaborative epoch 1000000000 is beyond what "
+                     r"the swarm's metrics records allow \(at most \d+\)", capsys.readouterr().out)
+
 
 def test_a_stored_checkpoint_of_an_absurd_epoch_does_not_become_the_latest(tmp_path):
     """An older version stored a poisoned state as epoch-1000000000.ckpt seconds after epoch 12 and linked
