@@ -14,9 +14,11 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 
 pytest.importorskip("hivemind")
@@ -424,3 +426,175 @@ def test_an_upload_that_fails_with_any_error_is_reported_and_tried_again(tmp_pat
     err = capsys.readouterr().err
     assert err.count("upload of collaborative epoch 7 failed: OSError: [Errno 28] No space left on device; "
                      "trying again in 0 s (--upload_every)") == 2, err
+
+
+# ---- a stranger serving an absurd state ---------------------------------------------------------------
+
+
+class TinyModule(pl.LightningModule):
+    """What the aux peer stores: a real LightningModule (hyperparameters, state_dict), two real tensors."""
+
+    def __init__(self, width: int = 4):
+        super().__init__()
+        self.save_hyperparameters()
+        self.layer = torch.nn.Linear(width, 2)
+
+
+def state_averager(dht, module, run_id: str, **options):
+    """A hivemind TrainingStateAverager under the run's prefix, as a trainer's or the aux peer's (with an LR
+    schedule: a state at epoch 10**9 applied would step it 10**9 times)."""
+    from hivemind.optim.state_averager import TrainingStateAverager
+
+    return TrainingStateAverager(dht=dht, prefix=f"{run_id}_state_averager", optimizer=partial(torch.optim.SGD, lr=0.1),
+                                 params=list(module.parameters()), start=True,
+                                 scheduler=partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=constant_lr),
+                                 **options)
+
+
+def constant_lr(epoch: int) -> float:
+    return 1.0
+
+
+def serving(averager, epoch: int) -> None:
+    averager.local_epoch = epoch
+    averager.state_sharing_priority = float(epoch)
+    averager.allow_state_sharing = True
+
+
+def declared(dht, run_id: str, averager) -> bool:
+    """The averager's offer to serve its state is in the DHT (what a download looks up first)."""
+    found = dht.get(f"{run_id}_state_averager.all_averagers", latest=True)
+    entry = found.value.get(averager.peer_id.to_bytes()) if found is not None else None
+    return entry is not None and entry.value is not None
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} did not happen within {timeout} s")
+        time.sleep(0.2)
+
+
+@pytest.mark.timeout(120)
+def test_a_state_served_at_an_absurd_epoch_is_refused_and_never_stored(tmp_path, capsys):
+    """A real state averager at local_epoch 10**9 serves its state under the run's prefix, beside one honest
+    trainer's metrics record at epoch 3: the aux loop's checkpoint download refuses it before hivemind applies
+    any of it (the held tensors stay, and its LR schedule is not stepped 10**9 times), nothing is stored;
+    once an honest peer serves epoch 4, that state is downloaded and stored."""
+    from types import SimpleNamespace
+
+    import hivemind
+    from hivemind.utils.crypto import RSAPrivateKey
+    from test_monitor import LOOPBACK, addresses
+
+    from convmodel.collaborative.aux_loop import AuxiliaryPeer
+    from convmodel.collaborative.held_state import SwarmState
+    from convmodel.collaborative.metrics import metrics_validators, publish_metrics
+    from convmodel.collaborative.monitor import SwarmMonitor, monitor_validators
+
+    run = "absurd"
+    dhts, averagers, monitor = [], [], None
+    try:
+        dhts.append(aux_dht := hivemind.DHT(start=True, record_validators=monitor_validators(run), **LOOPBACK))
+        validators, signer = metrics_validators(run, RSAPrivateKey())
+        dhts.append(trainer_dht := hivemind.DHT(start=True, initial_peers=addresses(aux_dht),
+                                                record_validators=validators, **LOOPBACK))
+        dhts.append(liar_dht := hivemind.DHT(start=True, initial_peers=addresses(aux_dht), **LOOPBACK))
+        module = TinyModule()
+        held = module.layer.weight.detach().clone()
+        averagers.append(aux_averager := state_averager(aux_dht, module, run, allow_state_sharing=False))
+        averagers.append(liar := state_averager(liar_dht, TinyModule(), run))
+        serving(liar, 10**9)
+
+        monitor = SwarmMonitor(aux_dht, run, None)
+        aux = AuxiliaryPeer.__new__(AuxiliaryPeer)  # the loop alone: its monitor, held state and store are real
+        aux.options = SimpleNamespace(checkpoint_every=1, push_to_hub=None)
+        aux.module, aux.datamodule, aux.monitor = module, None, monitor
+        aux.state = SwarmState(SimpleNamespace(load_state_timeout=20.0, client_mode=False, run_id=run), aux_averager)
+        aux.store = CheckpointStore(str(tmp_path / "ckpts"))
+        aux.stored_epoch = aux.swarm_epoch = aux.swarm_loss = aux._tried_at_epoch = None
+        aux.alive_peers = 0
+
+        assert publish_metrics(trainer_dht, run, signer, epoch=3, samples_per_second=5.0, samples_accumulated=64,
+                               loss=4.0, mini_steps=2).result(timeout=30)
+        wait_until(lambda: declared(aux_dht, run, liar), 60, "the liar's offer to serve its state")
+        wait_until(lambda: monitor.refresh() is not None, 60, "the trainer's record reaching the aux")
+        aux.refresh()  # the swarm is 3 epochs past nothing stored: a checkpoint is due, the download is refused
+        assert aux.swarm_epoch == 3 and aux._tried_at_epoch == 3
+        assert "refused the state a peer sent: its collaborative epoch 1000000000 is implausible" in \
+            capsys.readouterr().err
+        assert aux.state.epoch is None and not aux_averager.allow_state_sharing  # nothing held, nothing served
+        assert aux_averager.local_epoch == 0 and aux_averager.scheduler.last_epoch < 10
+        torch.testing.assert_close(module.layer.weight.detach(), held)
+        assert sorted(os.listdir(tmp_path / "ckpts")) == []
+
+        # the liar leaves; an honest trainer serves epoch 4 and says so in its record
+        liar.shutdown()
+        averagers.remove(liar)
+        honest_module = TinyModule()
+        averagers.append(honest := state_averager(trainer_dht, honest_module, run))
+        serving(honest, 4)
+        assert publish_metrics(trainer_dht, run, signer, epoch=4, samples_per_second=5.0, samples_accumulated=128,
+                               loss=3.0, mini_steps=2).result(timeout=30)
+
+        def stored() -> bool:
+            aux.refresh()
+            return aux.stored_epoch is not None
+
+        wait_until(stored, 60, "the honest state stored")
+    finally:
+        if monitor is not None:
+            monitor.close()
+        for averager in averagers:
+            averager.shutdown()
+        for dht in reversed(dhts):
+            dht.shutdown()
+    assert sorted(os.listdir(tmp_path / "ckpts")) == ["epoch-000004.ckpt", LATEST]
+    stored_state = torch.load(tmp_path / "ckpts" / LATEST, weights_only=True)
+    assert checkpoint_epoch(stored_state) == 4
+    torch.testing.assert_close(stored_state["state_dict"]["layer.weight"], honest_module.layer.weight.detach())
+
+    # restarted on a folder whose only checkpoint an older version stored from the liar: the swarm's records
+    # (epoch 4 a moment ago) say it cannot be, so it is not loaded and not served
+    poisoned = tmp_path / "poisoned"
+    poisoned.mkdir()
+    stored_state["optimizer_states"][0]["state"]["local_epoch"] = 10**9
+    torch.save(stored_state, poisoned / "epoch-1000000000.ckpt")
+    aux.store, aux.peer = CheckpointStore(str(poisoned)), SimpleNamespace(options=SimpleNamespace(run_id=run))
+    aux._load_stored()
+    assert aux.stored_epoch == 4 and aux.state.epoch == 4
+    assert re.search(r"passed over .*epoch-1000000000\.ckpt: its collaborative epoch 1000000000 is beyond what "
+                     r"the swarm's metrics records allow \(at most \d+\)", capsys.readouterr().out)
+
+
+def test_a_stored_checkpoint_of_an_absurd_epoch_does_not_become_the_latest(tmp_path):
+    """An older version stored a poisoned state as epoch-1000000000.ckpt seconds after epoch 12 and linked
+    latest.ckpt to it: the store passes it over (latest is epoch 12), says so, keeps it for the user to
+    move, and goes on storing. A folder copied without its times (all files within a second) loses nothing."""
+    folder = tmp_path / "ckpts"
+    store = CheckpointStore(str(folder), keep=2)
+    for epoch in (8, 12):
+        store.write(epoch, {"state_dict": {"w": torch.full((2,), float(epoch))}})
+    absurd = folder / "epoch-1000000000.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, absurd)
+    twelve = os.stat(folder / "epoch-000012.ckpt").st_mtime
+    os.utime(absurd, (twelve + 5, twelve + 5))
+    os.remove(folder / LATEST)
+    os.link(absurd, folder / LATEST)
+
+    reopened = CheckpointStore(str(folder), keep=2)
+    assert [os.path.basename(path) for path, _ in reopened.passed_over] == ["epoch-1000000000.ckpt"]
+    assert "beyond what a swarm can reach in the 5 s since epoch-000012.ckpt" in reopened.passed_over[0][1]
+    assert reopened.latest() == str(folder / "epoch-000012.ckpt")
+    reopened.write(14, {"state_dict": {"w": torch.full((2,), 14.0)}})
+    assert reopened.latest() == str(folder / LATEST)
+    assert torch.load(reopened.latest(), weights_only=True)["state_dict"]["w"].tolist() == [14.0, 14.0]
+    assert sorted(os.listdir(folder)) == ["epoch-000012.ckpt", "epoch-000014.ckpt", "epoch-1000000000.ckpt", LATEST]
+
+    copied = tmp_path / "copied"
+    copied.mkdir()
+    for epoch in (12, 60, 110):
+        torch.save({"state_dict": {}}, copied / f"epoch-{epoch:06d}.ckpt")
+    assert CheckpointStore(str(copied)).passed_over == []
+    assert latest_checkpoint(str(copied)) == str(copied / "epoch-000110.ckpt")

@@ -27,6 +27,7 @@ from convmodel.collaborative.monitor import (  # noqa: E402
     SwarmSnapshot,
     metrics_key_id,
     monitor_validators,
+    split_plausible,
     summarize_records,
 )
 
@@ -34,7 +35,8 @@ RUN = "swarm"
 LOOPBACK = dict(host_maddrs=["/ip4/127.0.0.1/tcp/0"], use_ipfs=False, use_relay=False, use_auto_relay=False,
                 nat_port_map=False, auto_nat=False)
 TAGS = {"swarm/epoch", "swarm/loss", "swarm/alive_peers", "swarm/samples_per_second", "swarm/samples",
-        "swarm/rejected_records"}
+        "swarm/rejected_records", "swarm/implausible_records"}
+ABSURD = dict(epoch=10**6, samples_per_second=1e9, samples_accumulated=10**12, loss=0.0, mini_steps=1)
 
 
 def metrics(epoch=3, samples_per_second=12.5, samples_accumulated=40, loss=17.5, mini_steps=7) -> dict:
@@ -124,6 +126,23 @@ def test_snapshot_sums_records_and_averages_loss_per_local_step():
     assert summarize_records([], rejected_records=1) is None
 
 
+def test_one_liar_beside_one_honest_peer_moves_no_number():
+    """Honest + liar: the majority epoch is the lower one, an absurd epoch is implausible, an absurd loss
+    (1e30, NaN, negative) is left out, and a liar's samples count at most 10x the honest peer's."""
+    honest = metrics(epoch=7, samples_per_second=10.0, samples_accumulated=300, loss=12.0, mini_steps=4)
+    assert summarize_records([honest, metrics(epoch=5)], 0).epoch == 5  # a lower liar holds it back, no more
+    plausible, implausible = split_plausible([honest, ABSURD])
+    assert plausible == [honest] and implausible == [ABSURD]
+    assert split_plausible([honest, metrics(epoch=9)], max_epoch=8.5)[1] == [metrics(epoch=9)]  # too soon
+    for absurd_loss in (1e30, float("nan"), float("inf"), -5.0, 0.0):
+        liar = metrics(epoch=7, samples_per_second=1e9, samples_accumulated=10**12, loss=absurd_loss, mini_steps=1)
+        snapshot = summarize_records([honest, liar], 0, target_batch_size=64)
+        assert snapshot.loss == 3.0, (absurd_loss, snapshot)
+        assert snapshot.samples_per_second == 10.0 + 100.0  # the liar capped at 10x the lower median
+        assert snapshot.samples == 300 + 2 * 64 * 8  # no peer holds more than 2 x target per epoch so far
+        assert snapshot.epoch == 7 and snapshot.alive_peers == 2
+
+
 def test_counter_rejects_forged_signatures_and_bad_shapes_once_each():
     """The counter's verdicts match hivemind's checks; a record seen again is not counted again."""
     owner, forger = RSAPrivateKey(), RSAPrivateKey()
@@ -149,8 +168,13 @@ def test_counter_rejects_forged_signatures_and_bad_shapes_once_each():
 
 
 @pytest.mark.timeout(120)
-def test_monitor_sums_honest_peers_and_counts_forged_records(tmp_path):
-    """Two honest publishers + a forger that neighbours the monitor: the numbers are the honest ones."""
+def test_monitor_sums_honest_peers_and_counts_forged_and_implausible_records(tmp_path):
+    """Two honest publishers, a forger that neighbours the monitor, and liars: the numbers are the honest ones.
+
+    A liar is a real peer identity: its record, with epoch 10**6, is validly signed by its own key (as
+    metrics.py's signer does), so only plausibility can leave it out. One liar is outvoted; three liars
+    are the majority, and their epoch is beyond what the seconds since the last accepted epoch allow.
+    """
     first_key, second_key, forger_key = RSAPrivateKey(), RSAPrivateKey(), RSAPrivateKey()
     dhts, monitor = [], None
     try:
@@ -162,6 +186,8 @@ def test_monitor_sums_honest_peers_and_counts_forged_records(tmp_path):
         dhts.append(first := start_dht(addresses(monitor_dht), first_validators))
         second_validators, second_signer = metrics_validators(RUN, second_key)
         dhts.append(second := start_dht(addresses(forger), second_validators))
+        liar_validators, liar_signer = metrics_validators(RUN, RSAPrivateKey())
+        dhts.append(liar := start_dht(addresses(monitor_dht), liar_validators))
         monitor = SwarmMonitor(monitor_dht, RUN, str(tmp_path / "tb"))
 
         assert publish_metrics(first, RUN, first_signer, **metrics(epoch=3, samples_per_second=12.5,
@@ -177,7 +203,8 @@ def test_monitor_sums_honest_peers_and_counts_forged_records(tmp_path):
                                             expiration=expiration))
         snapshot = refresh_until(monitor, lambda s: s is not None and s.alive_peers == 2 and s.rejected_records >= 1,
                                  60, "both honest peers and the forged record rejected")
-        honest = SwarmSnapshot(epoch=3, loss=pytest.approx((17.5 + 10.0) / (7 + 5)), alive_peers=2,
+        # the swarm epoch is the one a majority reaches: of 3 and 2, the 2
+        honest = SwarmSnapshot(epoch=2, loss=pytest.approx((17.5 + 10.0) / (7 + 5)), alive_peers=2,
                                samples_per_second=20.5, samples=64, rejected_records=1)
         assert snapshot == honest
         # the forger answers every search with its record again; it is still counted once
@@ -188,6 +215,23 @@ def test_monitor_sums_honest_peers_and_counts_forged_records(tmp_path):
         assert forger.run_coroutine(partial(push, peer_id=monitor_dht.peer_id, subkey=owner_subkey(forger_key),
                                             value=misshapen, expiration=expiration)) == [False]
         assert monitor.refresh() == dataclasses.replace(honest, rejected_records=2)
+
+        # a liar publishes a validly self-signed record at epoch 10**6: outvoted, counted as implausible
+        assert publish_metrics(liar, RUN, liar_signer, **ABSURD).result(timeout=30)
+        snapshot = refresh_until(monitor, lambda s: s is not None and s.implausible_records >= 1, 60,
+                                 "the liar's record judged implausible")
+        assert snapshot == dataclasses.replace(honest, rejected_records=2, implausible_records=1)
+        # two more liars make three of five: a majority, but 10**6 epochs in seconds is not plausible. Their
+        # records sit on a node of their own: hivemind drops a node's whole answer when one subkey in it fails
+        # validation, so beside the forger's record they would never be seen
+        dhts.append(liars := start_dht(addresses(monitor_dht)))
+        for key in (RSAPrivateKey(), RSAPrivateKey()):
+            value = signed_value(owner_subkey(key), ABSURD, expiration, key)  # as the owner's validator signs
+            assert liars.run_coroutine(partial(plant, subkey=owner_subkey(key), value=value, expiration=expiration))
+        snapshot = refresh_until(monitor, lambda s: s is not None and s.implausible_records >= 3, 60,
+                                 "three liars' records judged implausible")
+        assert snapshot == dataclasses.replace(honest, rejected_records=2, implausible_records=3)
+        assert monitor.refresh() == snapshot  # each counted once however often it is read
     finally:
         if monitor is not None:
             monitor.close()
@@ -196,11 +240,13 @@ def test_monitor_sums_honest_peers_and_counts_forged_records(tmp_path):
     scalars = logged_scalars(tmp_path / "tb")
     assert set(scalars) == TAGS, scalars
     last = {tag: points[-1] for tag, points in scalars.items()}
-    assert last == {"swarm/epoch": (3, 3.0), "swarm/loss": (3, pytest.approx(27.5 / 12, rel=1e-6)),
-                    "swarm/alive_peers": (3, 2.0), "swarm/samples_per_second": (3, 20.5),
-                    "swarm/samples": (3, 64.0), "swarm/rejected_records": (3, 2.0)}, scalars
-    steps = [step for step, _ in scalars["swarm/alive_peers"]]
-    assert steps == sorted(steps), scalars
+    assert last == {"swarm/epoch": (2, 2.0), "swarm/loss": (2, pytest.approx(27.5 / 12, rel=1e-6)),
+                    "swarm/alive_peers": (2, 2.0), "swarm/samples_per_second": (2, 20.5),
+                    "swarm/samples": (2, 64.0), "swarm/rejected_records": (2, 2.0),
+                    "swarm/implausible_records": (2, 3.0)}, scalars
+    # no TensorBoard step and no swarm/epoch ever came from a liar's record
+    assert {step for points in scalars.values() for step, _ in points} == {2}, scalars
+    assert {value for _, value in scalars["swarm/epoch"]} == {2.0}, scalars
 
 
 @pytest.mark.timeout(120)

@@ -66,20 +66,23 @@ class AuxiliaryPeer:
             if self.store is not None:
                 self.state = SwarmState.download_only(peer, optimizer, scheduler, self.module)
                 peer.companions.append(self.state.averager)  # stopped with the DHT when we stop at once
-        self.monitor = SwarmMonitor(peer.dht, peer.options.run_id, options.logdir)
+        self.monitor = SwarmMonitor(peer.dht, peer.options.run_id, options.logdir, peer.options.target_batch_size)
         self._signals.install()  # after the DHT and averagers started: hivemind sets SIGINT to "ignore" first
+        self._read_monitor()  # the swarm's epoch, before a stored or downloaded state is judged by it
         if self.store is not None:
             self._load_stored()
         if self.state is not None:
             self._download("joined")
 
     def _load_stored(self) -> None:
-        from convmodel.collaborative.checkpoint_store import read_checkpoint
+        from convmodel.collaborative.checkpoint_store import checkpoint_epoch, read_checkpoint
 
         path = self.store.latest()
         if self.store.removed_temp_files:
             print(f"[convmodel] removed {len(self.store.removed_temp_files)} unfinished checkpoint file(s) from "
                   f"{self.store.directory} (a write was interrupted)", flush=True)
+        for passed_over, reason in self.store.passed_over:
+            print(f"[convmodel] passed over {passed_over}: {reason}; move it away if it is yours", flush=True)
         if path is None:
             return
         checkpoint = read_checkpoint(path)
@@ -92,6 +95,12 @@ class AuxiliaryPeer:
             self.module.on_load_checkpoint(checkpoint)  # one message for another tokenizer or model size
         except UserError as exc:
             raise UserError(f"--store_checkpoints {path}: {exc}") from exc
+        epoch, bound = checkpoint_epoch(checkpoint), self.monitor.epoch_bound()
+        if epoch > bound:  # stored by an older version from a poisoned state: the swarm's records say otherwise
+            print(f"[convmodel] passed over {path}: its collaborative epoch {epoch} is beyond what the swarm's "
+                  f"metrics records allow (at most {bound:.0f}); not loaded, the swarm's state is downloaded",
+                  flush=True)
+            return
         try:
             epoch = self.state.load_checkpoint(checkpoint, self.module)
         except (KeyError, RuntimeError, ValueError) as exc:  # missing/unexpected keys, another optimizer
@@ -129,16 +138,29 @@ class AuxiliaryPeer:
             raise KeyboardInterrupt  # the goodbye was cut short by a second signal: the same exit as above
 
     def refresh(self) -> None:
-        snapshot = self.monitor.refresh()
-        self.alive_peers = snapshot.alive_peers if snapshot is not None else 0
-        if snapshot is not None:
-            self.swarm_epoch = max(snapshot.epoch, self.swarm_epoch or 0)
-            self.swarm_loss = snapshot.loss
+        self._read_monitor()
         if self.store is not None and self._checkpoint_due():
             self._tried_at_epoch = self.swarm_epoch
             if self._download("checkpoint"):
                 self._store()
         self._maybe_upload()
+
+    def _read_monitor(self) -> None:
+        """The monitor's robust numbers (never one record's): the swarm epoch the checkpoints follow."""
+        snapshot = self.monitor.refresh()
+        self.alive_peers = snapshot.alive_peers if snapshot is not None else 0
+        if snapshot is not None:
+            self.swarm_epoch = max(snapshot.epoch, self.swarm_epoch or 0)
+            self.swarm_loss = snapshot.loss
+
+    def _plausible_epoch(self) -> float:
+        """The highest epoch a downloaded state may have: what time allows since the swarm epoch the monitor
+        last accepted. Before it accepted one (no live metrics record: a trainer publishes one as it
+        starts), the held state's epoch plus EPOCH_SLACK: a swarm without records has not moved far."""
+        from convmodel.collaborative.plausibility import epochs_allowed
+
+        bound = self.monitor.epoch_bound()
+        return bound if math.isfinite(bound) else epochs_allowed(self.state.epoch or 0, 0.0)
 
     def _checkpoint_due(self) -> bool:
         """The swarm is checkpoint_every epochs past the stored state (and has moved since the last try:
@@ -149,7 +171,7 @@ class AuxiliaryPeer:
 
     def _download(self, why: str) -> bool:
         try:
-            newer = self.state.download()
+            newer = self.state.download(self._plausible_epoch())
         except Exception as exc:  # a peer that left mid-download, a timeout: the next refresh tries again
             print(f"[convmodel] could not download the swarm's state ({why}): {type(exc).__name__}: {exc}",
                   file=sys.stderr, flush=True)
@@ -164,6 +186,11 @@ class AuxiliaryPeer:
             return
         metrics = {"train/loss": self.swarm_loss} if self.swarm_loss is not None else {}
         checkpoint = state.checkpoint(self.module, self.datamodule, metrics)
+        poisoned = first_non_finite(checkpoint["state_dict"])
+        if poisoned is not None:  # a NaN swarm state is not worth keeping: the stored one stays latest
+            print(f"[convmodel] not storing the swarm's state at collaborative epoch {state.epoch}: its {poisoned} "
+                  "holds NaN or infinite values", file=sys.stderr, flush=True)
+            return
         path = self.store.write(state.epoch, checkpoint)
         self.stored_epoch = state.epoch
         print(f"[convmodel] stored the swarm's state at collaborative epoch {state.epoch}: {path}", flush=True)
@@ -248,3 +275,13 @@ class AuxiliaryPeer:
         self._signals.restore()
         if joined:
             print("[convmodel] auxiliary peer stopped at once", flush=True)
+
+
+def first_non_finite(tensors: dict) -> str | None:
+    """The name of the first floating-point tensor holding a NaN or an infinity (None when all are finite)."""
+    import torch
+
+    for name, tensor in tensors.items():
+        if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None

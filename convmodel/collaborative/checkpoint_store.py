@@ -106,12 +106,49 @@ def fsync_folder(folder: str) -> None:
 
 
 def latest_checkpoint(directory: str) -> str | None:
-    """DIR/latest.ckpt, else the epoch-*.ckpt with the highest epoch, else None."""
+    """DIR/latest.ckpt, else the epoch-*.ckpt with the highest plausible epoch, else None.
+
+    When an epoch file was passed over (`plausible_epoch_files`), latest.ckpt may be that file (an
+    older version stored and linked it), so the newest plausible epoch file is returned instead.
+    """
     latest = os.path.join(directory, LATEST)
-    if os.path.isfile(latest):
-        return latest
-    epochs = _epoch_files(directory)
-    return os.path.join(directory, epochs[-1][1]) if epochs else None
+    kept, passed_over = plausible_epoch_files(directory)
+    if not passed_over:
+        if os.path.isfile(latest):
+            return latest
+        return os.path.join(directory, kept[-1][1]) if kept else None
+    if not kept:
+        return None
+    newest = os.path.join(directory, kept[-1][1])
+    return latest if os.path.isfile(latest) and os.path.samefile(latest, newest) else newest
+
+
+def plausible_epoch_files(directory: str) -> tuple[list[tuple[int, str]], list[tuple[str, str]]]:
+    """([(epoch, name)] of the plausible epoch-N.ckpt files, oldest first; [(path, why)] of those passed over).
+
+    A file is passed over when its epoch is more than MAX_LEAD past the previous plausible file's and
+    beyond what the time between their writes allows (plausibility.py): the poisoned state an older
+    version stored (epoch-1000000000.ckpt seconds after epoch-000012.ckpt) must not become the latest
+    and be served to every joiner. The gap alone is not enough (a folder copied without its times
+    has all files written within a second), nor is the time alone (a swarm can go on for days
+    without its auxiliary peer). The lowest file is always plausible: there is nothing to judge it by,
+    and the auxiliary peer compares the one it loads with the swarm's records (aux_loop.py).
+    """
+    from convmodel.collaborative.plausibility import MAX_LEAD, epochs_allowed
+
+    kept: list[tuple[int, str]] = []
+    passed_over: list[tuple[str, str]] = []
+    previous_time = 0.0
+    for epoch, name in _epoch_files(directory):
+        path = os.path.join(directory, name)
+        written = os.stat(path).st_mtime
+        if kept and epoch > kept[-1][0] + MAX_LEAD and epoch > epochs_allowed(kept[-1][0], written - previous_time):
+            passed_over.append((path, f"its collaborative epoch {epoch} is beyond what a swarm can reach in the "
+                                      f"{max(written - previous_time, 0.0):.0f} s since {kept[-1][1]} was written"))
+            continue
+        kept.append((epoch, name))
+        previous_time = written
+    return kept, passed_over
 
 
 def _epoch_files(directory: str) -> list[tuple[int, str]]:
@@ -153,6 +190,7 @@ class CheckpointStore:
         except OSError as exc:
             raise UserError(f"--store_checkpoints {directory} cannot be created: {exc.strerror}") from exc
         self.removed_temp_files = self._remove_temp_files()
+        self.passed_over = plausible_epoch_files(directory)[1]  # [(path, why)], said when the store is read
 
     def _remove_temp_files(self) -> list[str]:
         removed = []
@@ -187,5 +225,6 @@ class CheckpointStore:
         fsync_folder(self.directory)
 
     def _prune(self) -> None:
-        for _, name in _epoch_files(self.directory)[:-self.keep]:
+        """Remove the oldest plausible epoch files past `keep` (files passed over are left for the user)."""
+        for _, name in plausible_epoch_files(self.directory)[0][:-self.keep]:
             os.remove(os.path.join(self.directory, name))

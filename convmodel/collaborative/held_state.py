@@ -5,6 +5,7 @@ stored checkpoint); it serves that state to joining peers only while it is a rea
 epoch is the one it reports (see SwarmState).
 """
 
+import math
 import sys
 import threading
 import warnings
@@ -27,6 +28,7 @@ class SwarmState:
         self.options, self.averager, self.opt = options, averager, opt
         self.lock = threading.Lock()
         self.epoch: int | None = None
+        limit_download_epochs(averager)
 
     @classmethod
     def download_only(cls, peer, module_optimizer, scheduler, module):
@@ -68,23 +70,30 @@ class SwarmState:
             self._update_sharing()
         return epoch
 
-    def download(self) -> bool:
+    def download(self, max_epoch: float = math.inf) -> bool:
         """Fetch the newest state a peer shares; True when it is newer than the one held.
 
         TrainingStateAverager refuses a state older than its local epoch and says nothing of what it
         did, so the local epoch is set to the held state's epoch for the call: a higher one after it
-        means a newer state arrived.
+        means a newer state arrived. A state whose epoch is above `max_epoch` (what the swarm can
+        plausibly be at, plausibility.py) is refused before any of it is applied, and said.
         """
         with self.lock:
             averager, held = self.averager, self.epoch or 0
             own_epoch = averager.local_epoch  # differs from held only while not serving (see _update_sharing)
             averager.local_epoch = held
+            averager.epoch_limit, averager.refused_epoch = max_epoch, None
             try:
                 averager.load_state_from_peers(timeout=self.options.load_state_timeout)
                 mismatch, averager.state_mismatch = getattr(averager, "state_mismatch", None), None
                 if mismatch:  # a peer of another config under this run_id: the held state stays
                     print(f"[convmodel] refused the state a peer sent: {mismatch}", file=sys.stderr, flush=True)
             finally:
+                averager.epoch_limit = math.inf
+                if averager.refused_epoch is not None:
+                    print(f"[convmodel] refused the state a peer sent: its collaborative epoch "
+                          f"{averager.refused_epoch} is implausible (at most {max_epoch:.0f} now, from the "
+                          f"swarm's metrics records); the held state stays", file=sys.stderr, flush=True)
                 received = averager.local_epoch
                 self._set_local_epoch(max(own_epoch, received))
                 if received > held:
@@ -147,3 +156,37 @@ class SwarmState:
     def shutdown(self) -> None:
         if self.opt is None:  # the swarm peer shuts its own optimizer down when it leaves
             self.averager.shutdown()
+
+
+def limit_download_epochs(averager) -> None:
+    """Make `averager` (a hivemind TrainingStateAverager) refuse a downloaded state whose epoch is above its
+    `epoch_limit`, before TrainingStateAverager applies any of it.
+
+    TrainingStateAverager.load_state_from_peers takes (metadata, tensors) from DecentralizedAverager's,
+    copies the tensors into the parameters and optimizer state, then steps the LR scheduler up to the
+    received epoch, one step at a time: a state at epoch 10**9 overwrites the held state and hangs the
+    peer for hours. The check has to sit between the two, so the averager's class becomes a subclass
+    with EpochLimitedDownload under TrainingStateAverager in the method order. The averager is built
+    here or by hivemind.Optimizer (assisting), and already runs, so its class is swapped in place; the
+    new class keeps the old name (hivemind names the RPC protocols after it) and adds no state.
+    """
+    from hivemind.averaging import DecentralizedAverager
+
+    class EpochLimitedDownload(DecentralizedAverager):
+        """A downloaded state above `epoch_limit` is returned as no state; its epoch goes to `refused_epoch`."""
+
+        epoch_limit: float = math.inf
+        refused_epoch: int | None = None
+
+        def load_state_from_peers(self, **kwargs):
+            loaded = super().load_state_from_peers(**kwargs)
+            epoch = loaded[0].get("epoch") if loaded is not None and isinstance(loaded[0], dict) else None
+            if isinstance(epoch, int) and epoch > self.epoch_limit:
+                self.refused_epoch = epoch
+                return None
+            return loaded
+
+    base = type(averager)
+    limited = type(base.__name__, (base, EpochLimitedDownload), {"__qualname__": base.__qualname__,
+                                                                 "__module__": base.__module__})
+    averager.__class__ = limited

@@ -1,9 +1,10 @@
-"""The swarm's dashboard: every peer's signed metrics record, summed, printed and logged to TensorBoard.
+"""The swarm's dashboard: every peer's signed metrics record, judged, summed, printed and logged to TensorBoard.
 
 The auxiliary peer starts its DHT with `monitor_validators(run_id)`, creates a `SwarmMonitor` on it
 and calls `refresh()` in its loop. Each refresh reads the `{run_id}_metrics` records (one per peer,
-see metrics.py), sums them into a `SwarmSnapshot`, prints one line when the line changes and logs
-the swarm/* scalars when the snapshot changes.
+see metrics.py), leaves out the implausible ones and sums the rest robustly into a `SwarmSnapshot`
+(plausibility.py: a record is self-signed, so anyone can write one with any numbers), prints one
+line when the line changes and logs the swarm/* scalars when the snapshot changes.
 
 Rejected records are counted inside the DHT: hivemind checks a record when another node asks to
 store it here and when another node's answer to our search carries it, and drops a failing record
@@ -18,12 +19,22 @@ module-level subclass of it; this module is the auxiliary peer's, which needs hi
 
 import dataclasses
 import hashlib
+import math
+import time
 from dataclasses import dataclass
 from functools import partial
 
 from hivemind.dht.validation import CompositeValidator, DHTRecord, RecordValidatorBase
 
 from convmodel.collaborative.metrics import metrics_validators, read_metrics
+from convmodel.collaborative.plausibility import (
+    MAX_LEAD,
+    SAMPLES_FACTOR,
+    EpochClock,
+    lower_median,
+    majority_epoch,
+    plausible_mean_loss,
+)
 
 REMEMBERED_REJECTIONS = 65_536  # digests kept to count a record once; past this, repeats count again
 
@@ -109,37 +120,79 @@ async def _rejected_in_dht(_dht, node, key_id: bytes) -> int | None:
 
 @dataclass
 class SwarmSnapshot:
-    """The swarm as its valid, unexpired metrics records describe it at one refresh."""
+    """The swarm as its valid, unexpired and plausible metrics records describe it at one refresh
+    (plausibility.py says what is plausible and why)."""
 
-    epoch: int  # the highest collaborative epoch among valid records
-    loss: float | None  # sum(loss) / sum(mini_steps) over valid records with a loss
-    alive_peers: int  # valid, unexpired records
-    samples_per_second: float  # sum over records
-    samples: int  # sum of samples_accumulated over records
+    epoch: int  # the highest collaborative epoch a strict majority of plausible records reach
+    loss: float | None  # sum(loss) / sum(mini_steps) over plausible records whose loss is near the median's
+    alive_peers: int  # plausible records
+    samples_per_second: float  # sum over records, each at most SAMPLES_FACTOR x the lower median
+    samples: int  # sum of samples_accumulated over records (each capped when target_batch_size is known)
     rejected_records: int  # records that failed signature or schema validation so far (cumulative)
+    implausible_records: int = 0  # distinct (peer, epoch) records whose epoch was implausible (cumulative)
 
 
-def summarize_records(records: list[dict], rejected_records: int) -> SwarmSnapshot | None:
-    """Sum metrics records (dicts that passed the DHT's strict schema check) into a snapshot."""
+LOSS_FACTOR = 4.0  # a record's loss per step further than this factor from the lower median's is left out
+
+
+def split_plausible(records: list[dict], max_epoch: float = math.inf) -> tuple[list[dict], list[dict]]:
+    """(plausible, implausible) records: an epoch above `max_epoch` (what time allows since the last
+    accepted epoch) or more than MAX_LEAD beyond the majority's is implausible."""
+    timely = [r for r in records if r["epoch"] <= max_epoch]
+    if not timely:
+        return [], list(records)
+    lead = majority_epoch([r["epoch"] for r in timely]) + MAX_LEAD
+    plausible = [r for r in timely if r["epoch"] <= lead]
+    return plausible, [r for r in records if r["epoch"] > max_epoch or r["epoch"] > lead]
+
+
+def robust_loss(records: list[dict]) -> float | None:
+    """sum(loss) / sum(mini_steps) over records whose loss per step is finite, not negative and within
+    LOSS_FACTOR of the lower median of those: one absurd record (1e30, NaN) among two moves nothing."""
+    means = [(r, mean) for r in records if (mean := plausible_mean_loss(r)) is not None]
+    if not means:
+        return None
+    reference = lower_median([mean for _, mean in means])
+    kept = [r for r, mean in means if reference / LOSS_FACTOR <= mean <= reference * LOSS_FACTOR]
+    return sum(r["loss"] for r in kept) / sum(r["mini_steps"] for r in kept)
+
+
+def capped_sum(values: list[float], cap: float = math.inf, relative: bool = True) -> float:
+    """The sum of `values`, each at most `cap` and (`relative`) at most SAMPLES_FACTOR x the lower median of
+    the values above 0 (a peer that just started reports 0): a liar adds at most that much to the sum."""
+    positive = [v for v in values if v > 0]
+    if relative and positive:
+        cap = min(cap, SAMPLES_FACTOR * lower_median(positive))
+    return sum(min(v, cap) for v in values)
+
+
+def summarize_records(records: list[dict], rejected_records: int, implausible_records: int = 0,
+                      target_batch_size: int | None = None) -> SwarmSnapshot | None:
+    """Robust sums of plausible metrics records (dicts that passed the DHT's strict schema check).
+
+    With `target_batch_size`, a record's samples_accumulated counts at most 2 x target_batch_size per epoch
+    the swarm is at: no peer contributes more samples than the whole swarm processed.
+    """
     if not records:
         return None
-    with_loss = [r for r in records if r["loss"] is not None]
-    steps = sum(r["mini_steps"] for r in with_loss)
+    epoch = majority_epoch([r["epoch"] for r in records])
+    samples_cap = math.inf if target_batch_size is None else 2 * target_batch_size * (epoch + 1)
     return SwarmSnapshot(
-        epoch=max(r["epoch"] for r in records),
-        loss=sum(r["loss"] for r in with_loss) / steps if steps > 0 else None,
+        epoch=epoch,
+        loss=robust_loss(records),
         alive_peers=len(records),
-        samples_per_second=float(sum(r["samples_per_second"] for r in records)),
-        samples=sum(r["samples_accumulated"] for r in records),
+        samples_per_second=float(capped_sum([r["samples_per_second"] for r in records])),
+        samples=int(capped_sum([r["samples_accumulated"] for r in records], samples_cap, relative=False)),
         rejected_records=rejected_records,
+        implausible_records=implausible_records,
     )
 
 
 class SwarmMonitor:
     """Reads the swarm's metrics at each `refresh()`; prints a line and logs swarm/* to TensorBoard.
 
-    The TensorBoard step is the collaborative epoch (the highest this monitor has seen, so it never
-    goes back when the most advanced peer leaves), and a point is written at every refresh whose
+    The TensorBoard step is the swarm epoch of the snapshots (the majority's, never one record's; the
+    highest this monitor has accepted, so it never goes back when the most advanced peers leave), and a point is written at every refresh whose
     snapshot differs from the last one written. Why the epoch: the default STEP axis then reads as
     loss per collaborative epoch, the same axis as the trainers' own `collab/epoch` logs, and it
     continues where it was when the auxiliary peer restarts into the same logdir (a refresh counter
@@ -150,8 +203,8 @@ class SwarmMonitor:
     that emptied shows it.
     """
 
-    def __init__(self, dht, run_id: str, logdir: str | None):
-        self.dht, self.run_id = dht, run_id
+    def __init__(self, dht, run_id: str, logdir: str | None, target_batch_size: int | None = None):
+        self.dht, self.run_id, self.target_batch_size = dht, run_id, target_batch_size
         self._key_id = metrics_key_id(run_id)
         if self._rejected() is None:
             raise ValueError(f"SwarmMonitor: the DHT was started without monitor_validators({run_id!r}); start it "
@@ -165,15 +218,29 @@ class SwarmMonitor:
         self._step = 0
         self._last_logged: SwarmSnapshot | None = None
         self._last_line: str | None = None
+        self.clock = EpochClock()
+        self._implausible: set[tuple[bytes, int]] = set()  # (peer's public key, epoch) judged implausible
 
     def _rejected(self) -> int | None:
         return self.dht.run_coroutine(partial(_rejected_in_dht, key_id=self._key_id))
 
+    def epoch_bound(self) -> float:
+        """The highest swarm epoch plausible now (infinite before any record was accepted)."""
+        return self.clock.bound(time.monotonic())
+
     def refresh(self) -> SwarmSnapshot | None:
-        """Read every peer's record, print and log what changed; None when no valid record exists."""
-        records = list(read_metrics(self.dht, self.run_id).values())
+        """Read every peer's record, print and log what changed; None when no plausible record exists."""
+        found = read_metrics(self.dht, self.run_id)
         rejected = self._rejected()
-        snapshot = summarize_records(records, rejected)
+        now = time.monotonic()
+        plausible, implausible = split_plausible(list(found.values()), self.clock.bound(now))
+        keys = {id(record): key for key, record in found.items()}
+        for record in implausible:
+            if len(self._implausible) < REMEMBERED_REJECTIONS:
+                self._implausible.add((keys[id(record)], record["epoch"]))
+        snapshot = summarize_records(plausible, rejected, len(self._implausible), self.target_batch_size)
+        if snapshot is not None:
+            self.clock.accept(snapshot.epoch, now)
         self._print(snapshot, rejected)
         if self._writer is not None:
             self._log(snapshot, rejected)
@@ -189,6 +256,9 @@ class SwarmMonitor:
                     f"loss {loss}, {snapshot.samples_per_second:.1f} samples/s")
         if rejected:
             line += f", {rejected} rejected record{'' if rejected == 1 else 's'}"
+        if self._implausible:
+            count = len(self._implausible)
+            line += f", {count} implausible record{'' if count == 1 else 's'}"
         if line != self._last_line:  # refreshes that change nothing visible print nothing
             print(line, flush=True)
             self._last_line = line
@@ -198,7 +268,8 @@ class SwarmMonitor:
             if self._last_logged is None:
                 return  # nothing was ever seen: no curve to end
             snapshot = dataclasses.replace(self._last_logged, loss=None, alive_peers=0, samples_per_second=0.0,
-                                           samples=0, rejected_records=rejected)
+                                           samples=0, rejected_records=rejected,
+                                           implausible_records=len(self._implausible))
         if snapshot == self._last_logged:
             return
         self._step = max(self._step, snapshot.epoch)
@@ -209,6 +280,7 @@ class SwarmMonitor:
             "swarm/samples_per_second": snapshot.samples_per_second,
             "swarm/samples": snapshot.samples,
             "swarm/rejected_records": snapshot.rejected_records,
+            "swarm/implausible_records": snapshot.implausible_records,
         }
         for tag, value in scalars.items():
             if value is not None:
