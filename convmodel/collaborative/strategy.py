@@ -70,6 +70,12 @@ class HivemindStrategy(SingleDeviceStrategy):
             collaborative epochs, restored when a step gives non-finite parameters (0 turns it off).
         peers_file: Write this peer's addresses here (one a line) once the DHT has started.
         verbose: Log each hivemind step (matchmaking, averaging, epoch changes).
+        allowed_peers: Peer ids admitted to this private swarm (python trainer/peer_id.py prints one); every
+            other peer's DHT and averaging requests are refused unless it holds an access token.
+        owner_public_key: The run owner's public key (.pub file or its ssh-rsa line): peers holding a token it
+            signed are admitted (README, Private swarms).
+        access_token: File with this peer's token from the run's owner (python trainer/issue_token.py);
+            needs identity_path and owner_public_key.
     """
 
     strategy_name = "hivemind"
@@ -109,6 +115,9 @@ class HivemindStrategy(SingleDeviceStrategy):
         backup_every_epochs: int = 10,
         peers_file: str | None = None,
         verbose: bool = False,
+        allowed_peers: list[str] | None = None,
+        owner_public_key: str | None = None,
+        access_token: str | None = None,
     ):
         super().__init__(device="cpu")
         # filled in by Lightning's accelerator connector from trainer.accelerator/devices
