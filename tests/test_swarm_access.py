@@ -5,7 +5,6 @@ outsider, and a peer whose token has expired, are refused by the DHT and by the 
 told why on their side.
 """
 
-import asyncio
 import time
 
 import pytest
@@ -106,15 +105,29 @@ def test_commands_print_a_peer_id_and_issue_a_token(owner, tmp_path, capsys):
     assert stop.value.code == 2 and "--peer_id: 'bob' is not a peer id" in capsys.readouterr().err
 
 
-async def _download_state(dht, server_id, server_maddrs, prefix):
-    """Ask the server's averager for its state directly (as an outsider that found its address would)."""
+async def _download_state(identity_path, server_id, server_maddrs, prefix, tries: int) -> list[str]:
+    """An outsider that found the server's address asks its averager for the state `tries` times directly;
+    the errors it got back."""
     from hivemind.proto import averaging_pb2
 
-    p2p = await dht.replicate_p2p()
-    await p2p._client.connect(server_id, server_maddrs)
-    stub = hivemind.averaging.DecentralizedAverager.get_stub(p2p, server_id, namespace=prefix)
-    stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
-    return [message async for message in stream]
+    p2p = await hivemind.p2p.P2P.create(identity_path=identity_path, host_maddrs=LOOPBACK["host_maddrs"])
+    errors = []
+    try:
+        await p2p._client.connect(server_id, server_maddrs)
+        # the handler's name spelled out: DecentralizedAverager.get_stub here would cache its stub class for
+        # every subclass in this process (hivemind's ServicerBase), and the averagers forked later would call
+        # their peers' TrainingStateAverager handlers by the wrong name
+        name = f"{prefix}::DecentralizedAverager.rpc_download_state"
+        for _ in range(tries):
+            try:
+                stream = await p2p.iterate_protobuf_handler(server_id, name, averaging_pb2.DownloadRequest(),
+                                                            averaging_pb2.DownloadData)
+                errors.append(f"downloaded {len([message async for message in stream])} parts")
+            except hivemind.p2p.P2PHandlerError as exc:
+                errors.append(str(exc))
+    finally:
+        await p2p.shutdown()
+    return errors
 
 
 @pytest.mark.timeout(180)
@@ -161,12 +174,9 @@ def test_private_swarm_admits_members_and_refuses_outsiders(owner, capfd):
                                             r"token; ask the run's owner for an access token"):
             dht_with(None, outsider_identity, address)
         # ... nor download the state from the averager even knowing its address
-        outsider = hivemind.DHT(identity_path=outsider_identity, start=True, **LOOPBACK)
-        dhts.append(outsider)
         maddrs = [hivemind.utils.multiaddr.Multiaddr(a).decapsulate(f"/p2p/{server_id}") for a in address]
-        for _ in range(3):
-            with pytest.raises(hivemind.p2p.P2PHandlerError, match=f"peer {outsider_id} is not admitted"):
-                asyncio.run(_download_state(outsider, server.peer_id, maddrs, prefix))
+        errors = gate.run_in_own_thread(_download_state(outsider_identity, server.peer_id, maddrs, prefix, tries=3))
+        assert len(errors) == 3 and all(f"peer {outsider_id} is not admitted" in e for e in errors), errors
 
         # an expired token is refused: said at join with the expiry
         expired_policy = gate.AccessPolicy(RUN, owner_public_key=tokens.read_public_key(
@@ -182,3 +192,47 @@ def test_private_swarm_admits_members_and_refuses_outsiders(owner, capfd):
     # the owner's side logs each refused peer once per hivemind process (DHT, averager), not per request
     assert err.count(f"[convmodel] refused peer {outsider_id} ") == 2, err[-3000:]
     assert err.count(f"[convmodel] refused peer {expired_id} ") == 1, err[-3000:]
+
+
+@pytest.mark.timeout(120)
+def test_swarm_peers_with_tokens_share_state_and_a_peer_without_is_told_at_join(owner):
+    """The whole SwarmPeer path (options, hivemind.Optimizer's averagers and progress tracker) behind the gate."""
+    import torch
+
+    from convmodel.collaborative.swarm_peer import SwarmPeer
+
+    swarm = dict(LOOPBACK, matchmaking_time=0.5, averaging_timeout=5.0, bootstrap_timeout=15.0,
+                 load_state_timeout=15.0, metadata_expiration=10.0)
+
+    def make_peer(name, seed, with_token=True, **extra):
+        identity, _, token_path = member(name, hours=1.0 if with_token else None)
+        access = dict(access_token=token_path, owner_public_key=str(folder / "owner.key.pub")) if with_token else {}
+        torch.manual_seed(seed)
+        model = torch.nn.Linear(16, 16)
+        peer = SwarmPeer(SwarmOptions(run_id=RUN, identity_path=identity, **access, **swarm, **extra))
+        return peer, model
+
+    folder, _, member = owner
+    peers = []
+    try:
+        server, server_model = make_peer("peer_server", 0)
+        peers.append(server)
+        server.join(torch.optim.AdamW(server_model.parameters()))
+        joiner, joiner_model = make_peer("peer_joiner", 1, initial_peers=server.peer_addresses)
+        peers.append(joiner)
+        joiner.join(torch.optim.AdamW(joiner_model.parameters()))
+        for _ in range(100):  # a try finds no one until the server's offer to share reaches the DHT
+            joiner.optimizer.load_state_from_peers()
+            if torch.equal(joiner_model.weight, server_model.weight):
+                break
+        assert torch.equal(joiner_model.weight, server_model.weight), "the admitted joiner got no state"
+
+        stranger, stranger_model = make_peer("peer_stranger", 2, with_token=False,
+                                             initial_peers=server.peer_addresses)
+        with pytest.raises(UserError, match=rf"is not admitted to run '{RUN}' by /ip4/127\.0\.0\.1/.*presents "
+                                            r"no access token; ask the run's owner for an access token"):
+            stranger.join(torch.optim.AdamW(stranger_model.parameters()))
+        assert stranger.dht is None
+    finally:
+        for peer in reversed(peers):
+            peer.leave()

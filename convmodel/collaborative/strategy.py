@@ -37,7 +37,8 @@ class HivemindStrategy(SingleDeviceStrategy):
         target_batch_size: Samples the whole swarm accumulates per optimizer step (collaborative epoch).
         initial_peers: Multiaddrs of running peers to join (a list or one string); default
             $CONVMODEL_INITIAL_PEERS; none starts a new swarm.
-        host_maddrs: Multiaddrs this peer listens on (tcp/0 picks a free port).
+        host_maddrs: Multiaddrs this peer listens on (tcp/0 picks a free port); default /ip4/127.0.0.1/tcp/0,
+            this machine only: a swarm across machines says /ip4/0.0.0.0/tcp/PORT.
         announce_maddrs: Multiaddrs other peers should use to reach this one (a public address behind NAT).
         identity_path: Private key file that keeps this peer's id stable across restarts; generated if missing.
         client_mode: Only connect out (for peers that cannot accept connections); does not serve state.

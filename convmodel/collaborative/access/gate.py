@@ -231,7 +231,28 @@ def ask_admission(initial_peers: list[str], identity_path: str | None, token: st
     Called after the DHT could not bootstrap: a short-lived P2P with this peer's identity asks
     each initial peer over CHECK_PROTOCOL, handing over its token.
     """
-    return asyncio.run(_ask_admission(initial_peers, identity_path, token, timeout))
+    return run_in_own_thread(_ask_admission(initial_peers, identity_path, token, timeout))
+
+
+def run_in_own_thread(coroutine):
+    """Run `coroutine` to its end on an event loop of a thread of its own (whether or not the caller's
+    thread runs one, e.g. in a notebook); its result."""
+    import threading
+
+    outcome = {}
+
+    def target():
+        try:
+            outcome["result"] = asyncio.run(coroutine)
+        except BaseException as exc:  # handed to the caller
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, name="convmodel-access", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 async def _ask_admission(initial_peers, identity_path, token, timeout) -> str | None:
