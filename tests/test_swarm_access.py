@@ -11,6 +11,8 @@ import pytest
 
 hivemind = pytest.importorskip("hivemind")
 
+from test_collaborative import peer_args, run_cli_error, shards  # noqa: E402, F401  (shards: a fixture)
+
 from convmodel.collaborative.access import gate, tokens  # noqa: E402
 from convmodel.collaborative.access.policy import access_policy  # noqa: E402
 from convmodel.collaborative.access.tools import issue_token_main, peer_id_main  # noqa: E402
@@ -103,6 +105,19 @@ def test_commands_print_a_peer_id_and_issue_a_token(owner, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         issue_token_main(["--owner_key", str(tmp_path / "o.key"), "--run_id", RUN, "--peer_id", "bob"])
     assert stop.value.code == 2 and "--peer_id: 'bob' is not a peer id" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(120)
+def test_an_expired_token_stops_the_trainer_with_one_line(owner, shards, tokenizer_dir, capsys,  # noqa: F811
+                                                          tmp_path, monkeypatch):
+    folder, _, member = owner
+    identity, peer, expired = member("cli_peer", hours=-1, run_id="bert_tiny")  # the config's run_id
+    monkeypatch.chdir(tmp_path)
+    err = run_cli_error(peer_args(shards, tokenizer_dir, identity_path=identity, access_token=expired,
+                                  owner_public_key=str(folder / "owner.key.pub")), capsys)
+    assert err.count("error:") == 1 and "Traceback" not in err
+    assert f"trainer.strategy.init_args.access_token: '{expired}' does not admit this peer ({peer}) to run " \
+           "'bert_tiny': expired at" in err and "ask the run's owner for a new one" in err
 
 
 async def _download_state(identity_path, server_id, server_maddrs, prefix, tries: int) -> list[str]:

@@ -159,6 +159,7 @@ def _own_group_dying_with_parent() -> None:
 
 
 DHT_SHUTDOWN_S = 10.0
+ADMISSION_QUESTION_S = 5.0  # per initial peer, after a failed bootstrap: a gate answers on the connection at once
 
 
 def start_dht(
@@ -239,7 +240,7 @@ def _raise_if_refused(initial_peers: list[str], identity_path: str | None, acces
 
     token = access_policy.own_token if access_policy is not None else None
     try:
-        reason = ask_admission(initial_peers, identity_path, token, timeout)
+        reason = ask_admission(initial_peers, identity_path, token, min(timeout, ADMISSION_QUESTION_S))
     except Exception:  # the question is a courtesy; the bootstrap error below still says what failed
         return
     if reason:
