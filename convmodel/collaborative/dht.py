@@ -204,6 +204,7 @@ async def _bootstrap(_dht, node, initial_peers: list[str], timeout: float) -> bo
         if time.monotonic() >= deadline:
             return False
         await asyncio.sleep(min(1.0, max(deadline - time.monotonic(), 0.0)))
+ADMISSION_QUESTION_S = 5.0  # per initial peer, after a failed bootstrap: a gate answers on the connection at once
 
 
 def start_dht(
@@ -219,10 +220,16 @@ def start_dht(
     auto_nat: bool,
     bootstrap_timeout: float,
     record_validators: list = (),
+    access_policy=None,
 ):
-    """Start a hivemind.DHT, turning "could not reach the initial peers" into one UserError."""
+    """Start a hivemind.DHT, turning "could not reach the initial peers" into one UserError.
+
+    `access_policy` (convmodel.collaborative.access): the DHT and the averagers started on it later
+    refuse peers it does not admit; an initial peer that refuses this one is said so, with its reason.
+    """
     import hivemind
 
+    from convmodel.collaborative.access.gate import gating_next_daemon, register_policy
     from convmodel.collaborative.signals import sigint_ignored
 
     raise_open_files_limit()
@@ -255,16 +262,21 @@ def start_dht(
             shutdown_timeout=DHT_SHUTDOWN_S,
             start=False,
         )
-        with sigint_ignored():  # the DHT process ignores a terminal's Ctrl-C from its first instruction on
+        # the DHT process ignores a terminal's Ctrl-C from its first instruction on, and gates its RPCs
+        with sigint_ignored(), gating_next_daemon(access_policy):
             dht.start()
         dht.wait_until_ready()  # bounded by startup_timeout and bootstrap_timeout inside the DHT process
     except Exception as exc:
+        if initial_peers and "bootstrap" in str(exc).lower():
+            _raise_if_refused(initial_peers, identity_path, access_policy, bootstrap_timeout)
         raise _start_error(exc, initial_peers, host_maddrs, announce_maddrs, bootstrap_timeout) from exc
     if initial_peers and not dht.run_coroutine(partial(_bootstrap, initial_peers=initial_peers,
                                                        timeout=bootstrap_timeout)):
         dht.shutdown()
+        _raise_if_refused(initial_peers, identity_path, access_policy, bootstrap_timeout)
         raise _start_error(RuntimeError("bootstrap failed"), initial_peers, host_maddrs, announce_maddrs,
                            bootstrap_timeout)
+    register_policy(dht.peer_id, access_policy)
     return dht
 
 
@@ -280,6 +292,19 @@ def _start_error(exc: Exception, initial_peers, host_maddrs, announce_maddrs, bo
         return UserError(f"trainer.strategy.init_args.identity_path: {exc}; give each peer its own identity file")
     return UserError(f"trainer.strategy: could not start the DHT: {exc} (check host_maddrs "
                      f"{host_maddrs} and announce_maddrs {announce_maddrs})")
+
+
+def _raise_if_refused(initial_peers: list[str], identity_path: str | None, access_policy, timeout: float) -> None:
+    """After a failed bootstrap: a UserError with the reason if an initial peer's gate refused this peer."""
+    from convmodel.collaborative.access.gate import README_HINT, ask_admission
+
+    token = access_policy.own_token if access_policy is not None else None
+    try:
+        reason = ask_admission(initial_peers, identity_path, token, min(timeout, ADMISSION_QUESTION_S))
+    except Exception:  # the question is a courtesy; the bootstrap error below still says what failed
+        return
+    if reason:
+        raise UserError(f"trainer.strategy.init_args: {reason}; {README_HINT}")
 
 
 def announce_addresses(dht, peers_file: str | None) -> list[str]:

@@ -38,7 +38,8 @@ class HivemindStrategy(SingleDeviceStrategy):
         target_batch_size: Samples the whole swarm accumulates per optimizer step (collaborative epoch).
         initial_peers: Multiaddrs of running peers to join (a list or one string); default
             $CONVMODEL_INITIAL_PEERS; none starts a new swarm.
-        host_maddrs: Multiaddrs this peer listens on (tcp/0 picks a free port).
+        host_maddrs: Multiaddrs this peer listens on (tcp/0 picks a free port); default /ip4/127.0.0.1/tcp/0,
+            this machine only: a swarm across machines says /ip4/0.0.0.0/tcp/PORT.
         announce_maddrs: Multiaddrs other peers should use to reach this one (a public address behind NAT).
         identity_path: Private key file that keeps this peer's id stable across restarts; generated if missing.
         client_mode: Only connect out (for peers that cannot accept connections); does not serve state.
@@ -73,6 +74,12 @@ class HivemindStrategy(SingleDeviceStrategy):
         verbose: Log each hivemind step (matchmaking, averaging, epoch changes).
         resume_ahead_of_swarm: Let a peer resumed from a checkpoint further along than every live peer join
             (the swarm then continues from this checkpoint); refused by default (run_identity.py).
+        allowed_peers: Peer ids admitted to this private swarm (python trainer/peer_id.py prints one); every
+            other peer's DHT and averaging requests are refused unless it holds an access token.
+        owner_public_key: The run owner's public key (.pub file or its ssh-rsa line): peers holding a token it
+            signed are admitted (README, Private swarms).
+        access_token: File with this peer's token from the run's owner (python trainer/issue_token.py);
+            needs identity_path and owner_public_key.
     """
 
     strategy_name = "hivemind"
@@ -113,6 +120,9 @@ class HivemindStrategy(SingleDeviceStrategy):
         peers_file: str | None = None,
         verbose: bool = False,
         resume_ahead_of_swarm: bool = False,
+        allowed_peers: list[str] | None = None,
+        owner_public_key: str | None = None,
+        access_token: str | None = None,
     ):
         super().__init__(device="cpu")
         # filled in by Lightning's accelerator connector from trainer.accelerator/devices

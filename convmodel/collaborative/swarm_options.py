@@ -13,6 +13,8 @@ from convmodel.collaborative.compression import COMPRESSION_NAMES
 from convmodel.errors import UserError
 
 OPTION = "trainer.strategy.init_args"
+#: where a peer listens unless host_maddrs says otherwise: only this machine can reach it
+DEFAULT_HOST_MADDRS = ["/ip4/127.0.0.1/tcp/0"]
 
 
 class SwarmAddresses(NamedTuple):
@@ -59,6 +61,9 @@ class SwarmOptions:
     peers_file: str | None = None
     verbose: bool = False
     resume_ahead_of_swarm: bool = False
+    allowed_peers: list[str] | None = None
+    owner_public_key: str | None = None
+    access_token: str | None = None
 
     @property
     def request_timeout(self) -> float:
@@ -73,7 +78,7 @@ class SwarmOptions:
         problems = self._problems()
         if problems:
             raise UserError(f"{OPTION}: " + "; ".join(problems))
-        host = parse_peer_list(self.host_maddrs, f"{OPTION}.host_maddrs") or ["/ip4/0.0.0.0/tcp/0"]
+        host = parse_peer_list(self.host_maddrs, f"{OPTION}.host_maddrs") or DEFAULT_HOST_MADDRS
         announce = parse_peer_list(self.announce_maddrs, f"{OPTION}.announce_maddrs")
         return SwarmAddresses(
             initial_peers=resolve_initial_peers(self.initial_peers),
@@ -110,4 +115,6 @@ class SwarmOptions:
             problems.append("delay_grad_averaging needs delay_optimizer_step: true")
         if self.max_collaborative_epochs is not None and self.max_collaborative_epochs < 1:
             problems.append(f"max_collaborative_epochs must be >= 1, got {self.max_collaborative_epochs!r}")
-        return problems
+        from convmodel.collaborative.access.policy import access_problems
+
+        return problems + access_problems(self, OPTION)

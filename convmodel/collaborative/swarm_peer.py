@@ -53,6 +53,7 @@ class SwarmPeer:
         checkpoints); `join` calls it first. `extra_validators` are added to the DHT's record
         validators (the monitor counts rejections).
         """
+        from convmodel.collaborative.access.policy import access_policy
         from convmodel.collaborative.dht import announce_addresses, metrics_key, start_dht
         from convmodel.collaborative.exit_noise import ignore_closed_loop_in_mpfuture_del
         from convmodel.collaborative.metrics import metrics_validators
@@ -65,7 +66,8 @@ class SwarmPeer:
         self.dht = start_dht(
             addresses.initial_peers, addresses.host_maddrs, addresses.announce_maddrs, options.identity_path,
             options.client_mode, options.use_ipfs, options.use_relay, options.use_auto_relay, options.nat_port_map,
-            options.auto_nat, options.bootstrap_timeout, record_validators=[*validators, *extra_validators])
+            options.auto_nat, options.bootstrap_timeout, record_validators=[*validators, *extra_validators],
+            access_policy=access_policy(options, OPTION))
         if options.client_mode:
             print(f"[convmodel] peer {self.dht.peer_id} joined in client mode (it cannot be an initial peer)",
                   flush=True)
