@@ -148,8 +148,19 @@ def test_test_without_a_checkpoint_is_an_error_not_a_random_model(workspace, tmp
 def trainer_process(args: list[str], cwd: Path) -> subprocess.Popen:
     path = os.pathsep.join(filter(None, [str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, str(REPO / "trainer" / "trainer.py"), *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # -X faulthandler: a SIGABRT makes it print every thread's stack (what a test that timed out shows)
+    return subprocess.Popen([sys.executable, "-X", "faulthandler", str(REPO / "trainer" / "trainer.py"), *args],
+                            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def exit_output(process: subprocess.Popen, timeout: float) -> str:
+    """The stderr of a process once it exited; past `timeout`, it fails with the stacks where it hung."""
+    try:
+        return process.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGABRT)
+        _, err = process.communicate(timeout=60)
+        pytest.fail(f"the trainer had not exited {timeout} s after the signal; its threads:\n{err[-8000:]}")
 
 
 @pytest.mark.parametrize(("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)],
@@ -168,7 +179,7 @@ def test_a_signal_saves_last_ckpt_and_prints_the_resume_command(workspace, tmp_p
             assert time.monotonic() < deadline, "training did not start"
             time.sleep(0.05)
         process.send_signal(signum)
-        _, err = process.communicate(timeout=120)
+        err = exit_output(process, 120)
     finally:
         if process.poll() is None:
             process.kill()

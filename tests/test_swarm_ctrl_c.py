@@ -166,3 +166,99 @@ def test_second_ctrl_c_during_a_stalled_goodbye_stops_at_once(shards, tokenizer_
         assert status in (130, -signal.SIGINT), output[-4000:]
     if "resume with:" in goodbye:  # the first Ctrl-C came between two steps: the state is whole
         assert saved_epoch(second) >= 2, output[-4000:]
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below `pid` (children, theirs, ...), read from /proc."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            # the field after the command's closing parenthesis: state, then the parent's pid
+            parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (ValueError, OSError, IndexError):
+            continue
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def wait_until_gone(pids: set[int], timeout: float) -> set[int]:
+    """The pids still alive (zombies count as gone) after waiting up to `timeout` for all of them to end."""
+    def alive(pid: int) -> bool:
+        try:
+            return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + timeout
+    while (left := {pid for pid in pids if alive(pid)}) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def joined_and_stepped(peer: Peer) -> None:
+    """The peer downloaded the swarm's state and finished a collaborative epoch after that.
+
+    Not "trained together": the first peer runs alone at about an epoch a second on this tiny config, and a
+    joiner took longer than that to be in step (it downloads the state again and again).
+    """
+    joined = peer.wait_for(r"joined run '\w+' at collaborative epoch", STARTUP_S)
+    peer.wait_for_condition(lambda: "collaborative epoch" in peer.output()[joined.end():], 120, "an epoch")
+
+
+@pytest.mark.timeout(600)
+def test_after_a_kill_9_the_peer_restarts_with_its_identity_and_sigterm_is_a_clean_leave(
+        shards, tokenizer_dir, tmp_path, probe_on_path):  # noqa: F811
+    """`kill -9` of the trainer's main process alone takes its DHT, averager and p2pd processes with it, so the
+    same command (same identity file, same port) joins the swarm again; then SIGTERM to its whole group (as
+    systemd stops a unit) is a Ctrl-C: it finishes the step, saves, says goodbye and exits 0."""
+    identity = tmp_path / "identity.key"
+    listen = STRATEGY + "host_maddrs", json.dumps([f"/ip4/127.0.0.1/tcp/{free_port()}"])
+    first = second = again = None
+    try:
+        (tmp_path / "epoch_probe.py").write_text(PROBE)
+        go = tmp_path / "go"
+        go.write_text("")  # the probe holds nobody
+        first = Peer(tmp_path / "first", swarm_args(shards, tokenizer_dir, 10_000, str(go)))
+        address = wait_for_file(tmp_path / "first" / "peers.txt", first, STARTUP_S).split()[0]
+        peer_args = [*swarm_args(shards, tokenizer_dir, 10_000, str(go), initial_peers=[address],
+                                 identity_path=str(identity)), *listen]
+        second = Peer(tmp_path / "second", peer_args)
+        joined_and_stepped(second)
+        children = descendants(second.process.pid)
+        assert len(children) >= 3, children  # the DHT, the averagers, p2pd
+        os.kill(second.process.pid, signal.SIGKILL)  # the main process alone, not its group
+        second.process.wait(timeout=30)
+        left = wait_until_gone(children, 30)
+        assert not left, f"processes of the killed trainer still alive 30 s later: {sorted(left)}"
+
+        again = Peer(tmp_path / "again", peer_args)  # the same identity and port
+        joined_and_stepped(again)
+        os.killpg(again.process.pid, signal.SIGTERM)
+        again.wait_for(r"SIGTERM: leaving the swarm after this step", 60)
+        status = again.wait_exit(120)
+    finally:
+        for peer in (first, second, again):
+            if peer is not None:
+                peer.kill()
+    output = again.output()
+    same_id = r"this peer's id is (\w+)"
+    assert re.search(same_id, output).group(1) == re.search(same_id, second.output()).group(1)
+    goodbye = output.split("SIGTERM: leaving the swarm")[-1]
+    assert status == 0, output[-4000:]
+    summary = goodbye.split("[convmodel] fit stopped at step")[-1]
+    assert "[convmodel] fit stopped at step" in goodbye and f"checkpoint:  {LAST}" in summary, output[-4000:]
+    assert not re.search(r'File "[^"]*/(convmodel|pytorch_lightning|trainer)/', goodbye), goodbye[-4000:]
+    for noise in ("the hard way", "Task was destroyed", "SIGTERMException"):
+        assert noise not in goodbye, (noise, goodbye[-4000:])
+    assert (again.workdir / LAST).is_file()

@@ -8,9 +8,11 @@ address is parsed up front and an unreachable initial peer ends in one message w
 import logging
 import os
 import resource
+import signal
 import sys
 from functools import partial
 
+from convmodel.collaborative.signals import die_with_parent, shielded_children
 from convmodel.errors import UserError
 
 INITIAL_PEERS_ENV = "CONVMODEL_INITIAL_PEERS"
@@ -149,14 +151,8 @@ def _detach_p2pd_from_the_terminal() -> None:
 
 def _own_group_dying_with_parent() -> None:
     """In the forked child before exec: a new process group, and SIGTERM when the parent process ends."""
-    import ctypes
-    import signal
-
     os.setpgid(0, 0)
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
-    except (OSError, AttributeError):  # not Linux: the daemon's own idle timeout ends it
-        pass
+    die_with_parent(signal.SIGTERM)  # not Linux: the daemon's own idle timeout ends it
 
 
 DHT_SHUTDOWN_S = 10.0
@@ -232,7 +228,6 @@ def start_dht(
     import hivemind
 
     from convmodel.collaborative.access.gate import gating_next_daemon, register_policy
-    from convmodel.collaborative.signals import sigint_ignored
 
     raise_open_files_limit()
     _quiet_dead_sender_errors()
@@ -265,7 +260,7 @@ def start_dht(
             start=False,
         )
         # the DHT process ignores a terminal's Ctrl-C from its first instruction on, and gates its RPCs
-        with sigint_ignored(), gating_next_daemon(access_policy):
+        with shielded_children(), gating_next_daemon(access_policy):
             dht.start()
         dht.wait_until_ready()  # bounded by startup_timeout and bootstrap_timeout inside the DHT process
     except Exception as exc:

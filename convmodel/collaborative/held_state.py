@@ -34,17 +34,19 @@ class SwarmState:
     def download_only(cls, peer, module_optimizer, scheduler, module):
         """A TrainingStateAverager like the trainers' (same prefix, tensors, schedule and schema) and no optimizer."""
         from convmodel.collaborative.optimizer_rebuild import rebuild_optimizer, rebuild_scheduler
+        from convmodel.collaborative.signals import shielded_children
         from convmodel.collaborative.state_check import checked_state_averager_class, describe_state
 
         options = peer.options
         optimizer_factory, param_groups = rebuild_optimizer(module_optimizer, None, "norm")
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
-        averager = checked_state_averager_class()(  # a download that does not fit the config is refused
-            dht=peer.dht, prefix=f"{options.run_id}_state_averager", optimizer=optimizer_factory,
-            params=param_groups, scheduler=rebuild_scheduler(scheduler), offload_optimizer=False,
-            client_mode=options.client_mode, allow_state_sharing=False,
-            min_matchmaking_time=options.matchmaking_time, next_chunk_timeout=options.next_chunk_timeout,
-            request_timeout=options.request_timeout, start=True)
+        with shielded_children():  # the averager process ignores terminal signals, dies with us (signals.py)
+            averager = checked_state_averager_class()(  # a download that does not fit the config is refused
+                dht=peer.dht, prefix=f"{options.run_id}_state_averager", optimizer=optimizer_factory,
+                params=param_groups, scheduler=rebuild_scheduler(scheduler), offload_optimizer=False,
+                client_mode=options.client_mode, allow_state_sharing=False,
+                min_matchmaking_time=options.matchmaking_time, next_chunk_timeout=options.next_chunk_timeout,
+                request_timeout=options.request_timeout, start=True)
         describe_state(averager, module, module_optimizer)
         return cls(options, averager)
 

@@ -1,6 +1,7 @@
 """Leaving a swarm on a signal: the first one asks to stop cleanly, a second one stops at once.
 
-Shared by the trainer's HivemindStrategy (Ctrl-C) and the auxiliary peer (Ctrl-C and SIGTERM).
+Shared by the trainer's HivemindStrategy and the auxiliary peer, for Ctrl-C and SIGTERM alike (what
+`docker stop`, systemd and Kubernetes send).
 Why a handler of our own: hivemind's averagers set SIGINT to "ignore" in this process before
 they fork and never put it back, so Ctrl-C would do nothing; and a KeyboardInterrupt raised
 inside a hivemind call can leave a lock held that the goodbye then waits on forever. So the first
@@ -8,12 +9,14 @@ signal only asks the peer's loop to stop after what it is doing (a clean leave t
 within one matchmaking round); the second restores the previous handlers and raises
 KeyboardInterrupt.
 
-A terminal's Ctrl-C is sent to the whole foreground process group, hivemind's processes included:
-`sigint_ignored` starts them with SIGINT ignored (inherited across fork), and dht.py puts the Go
-p2pd daemon, which handles SIGINT itself whatever it inherits, in a process group of its own.
-Without that the daemon and the DHT died under the trainer, whose goodbye then waited for them.
+A terminal's Ctrl-C is sent to the whole foreground process group, hivemind's processes included
+(and systemd's SIGTERM to every process of a unit): `shielded_children` starts them with both
+ignored and dying with their parent, and dht.py puts the Go p2pd daemon, which handles SIGINT
+itself whatever it inherits, in a process group of its own. Without that the daemon and the DHT
+died under the trainer, whose goodbye then waited for them.
 """
 
+import os
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -46,6 +49,12 @@ class StopOnSignal:
             self._previous[number] = signal.default_int_handler if (
                 handler is None and number == signal.SIGINT) else handler
             signal.signal(number, self._handle)
+
+    def take_back(self) -> None:
+        """Handle the signals again where someone replaced the handler since `install` (main thread only)."""
+        if self._previous and threading.current_thread() is threading.main_thread():
+            for number in self.signals:
+                signal.signal(number, self._handle)
 
     def _handle(self, signum, frame) -> None:
         if self._restored is not None:
@@ -81,17 +90,51 @@ def restore_handlers(handlers: dict[int, object]) -> None:
 
 
 
-@contextmanager
-def sigint_ignored() -> Iterator[None]:
-    """SIGINT ignored in this process while the block starts child processes (they inherit "ignore").
+class _ForkMark:
+    """Alive while `shielded_children` runs: multiprocessing's after-fork registry holds it weakly."""
 
-    Main thread only (elsewhere the block runs as it is); the handler before it is put back after.
+    def __init__(self):
+        self.parent = os.getpid()
+
+
+@contextmanager
+def shielded_children() -> Iterator[None]:
+    """Processes forked by multiprocessing in this block ignore SIGINT and SIGTERM and die with this process.
+
+    For hivemind's DHT and averager processes, which the trainer stops itself after its goodbye: a
+    Ctrl-C to the terminal's group, or systemd's SIGTERM to every process of the unit, used to end
+    them under the trainer, whose goodbye then waited for them. And a `kill -9` of the trainer alone
+    left them running for good (they kept announcing the dead peer and held its port and identity,
+    so a restart with the same identity_path failed): PR_SET_PDEATHSIG (Linux) sends them SIGKILL
+    when the thread that forked them ends, so only forks from the main thread get it. Nothing changes
+    in this process: a signal to it during the block is handled as before.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import multiprocessing.util
+
+    mark = _ForkMark()
+    multiprocessing.util.register_after_fork(mark, _in_a_shielded_child)
+    mark.main_thread = threading.current_thread() is threading.main_thread()
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
+        del mark  # the registry drops it: later forks (DataLoader workers) are left as they are
+
+
+def _in_a_shielded_child(mark: _ForkMark) -> None:
+    """Runs in the forked child before its work starts (multiprocessing's after-fork hook)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if mark.main_thread:
+        die_with_parent(signal.SIGKILL)
+        if os.getppid() != mark.parent:  # the parent died before the line above
+            os._exit(1)
+
+
+def die_with_parent(signum: int) -> None:
+    """PR_SET_PDEATHSIG: this process gets `signum` when its parent ends (Linux; elsewhere nothing)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signum), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass

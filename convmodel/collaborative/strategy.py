@@ -132,8 +132,8 @@ class HivemindStrategy(SingleDeviceStrategy):
         self.peer = SwarmPeer(self.options)
         self._samples_since_step = 0
         self._non_finite_loss = False
-        self._stop_on_ctrl_c = StopOnSignal((signal.SIGINT,), self._on_ctrl_c)
-        self._stop_at_once = False  # a second Ctrl-C: no goodbye
+        self._stop_on_signal = StopOnSignal((signal.SIGINT, signal.SIGTERM), self._on_signal)
+        self._stop_at_once = False  # a second Ctrl-C or SIGTERM: no goodbye
         #: the swarm reached max_collaborative_epochs (read by convmodel.fit_summary: a finished run, not a stopped one)
         self.end_reached: str | None = None
 
@@ -190,21 +190,22 @@ class HivemindStrategy(SingleDeviceStrategy):
                             f"{len(self.optimizers)}")
         scheduler = self.lr_scheduler_configs[0].scheduler if self.lr_scheduler_configs else None
         clip_algorithm = str(trainer.gradient_clip_algorithm or "norm")
-        before = {signal.SIGINT: signal.getsignal(signal.SIGINT)}  # hivemind sets SIGINT to "ignore"
+        # hivemind sets SIGINT to "ignore" in this process
+        before = {number: signal.getsignal(number) for number in self._stop_on_signal.signals}
         try:
             self.peer.join(self.optimizers[0], scheduler, trainer.gradient_clip_val, clip_algorithm,
                            module=self.lightning_module)
         finally:
             if self.peer.optimizer is not None:
-                self._stop_on_ctrl_c.install(previous=before)
+                self._stop_on_signal.install(previous=before)
             else:
                 restore_handlers(before)  # a failed start: Ctrl-C as it was
         # hivemind steps the schedule once per collaborative epoch; Lightning must not step it per batch
         self.optimizers = [self.peer.optimizer]
         self.lr_scheduler_configs = []
 
-    def _on_ctrl_c(self, signum) -> bool:
-        """The first Ctrl-C asks the trainer to stop after this step (see signals.py).
+    def _on_signal(self, signum) -> bool:
+        """The first Ctrl-C or SIGTERM asks the trainer to stop after this step (see signals.py).
 
         The run then ends as one that reached max_steps: RunCheckpoint writes last.ckpt (after the
         step's delayed updates landed), the summary prints how to resume, the teardown says goodbye
@@ -216,13 +217,15 @@ class HivemindStrategy(SingleDeviceStrategy):
         if trainer is None:
             return False
         trainer.should_stop = True
-        print("[convmodel] Ctrl-C: leaving the swarm after this step (Ctrl-C again to stop at once)",
+        name, again = ("Ctrl-C", "Ctrl-C again") if signum == signal.SIGINT else (signal.Signals(signum).name,
+                                                                                  "a second signal")
+        print(f"[convmodel] {name}: leaving the swarm after this step ({again} to stop at once)",
               file=sys.stderr, flush=True)
         return True
 
     @override
     def on_exception(self, exception: BaseException) -> None:
-        """A second Ctrl-C inside a hivemind call: leave without a goodbye (a lock may be held mid-call)."""
+        """A second signal inside a hivemind call: leave without a goodbye (a lock may be held mid-call)."""
         if isinstance(exception, KeyboardInterrupt):
             self._stop_at_once = True
 
@@ -241,6 +244,9 @@ class HivemindStrategy(SingleDeviceStrategy):
     @override
     def on_train_start(self) -> None:
         super().on_train_start()
+        # Lightning's signal connector wrapped SIGTERM at the start of fit (its handler ends the run through
+        # the interrupt path: exit 143, the goodbye cut short); a SIGTERM is a Ctrl-C here
+        self._stop_on_signal.take_back()
         if self.peer.optimizer is not None:
             self.peer.catch_up()
 
@@ -303,7 +309,7 @@ class HivemindStrategy(SingleDeviceStrategy):
             self.peer.stop_at_once()
         else:
             cut_short = self.peer.leave()  # bounded; a Ctrl-C while it waits stops at once
-        self._stop_on_ctrl_c.restore()
+        self._stop_on_signal.restore()
         super().teardown()
         if cut_short:  # Lightning's interrupt path: RunCheckpoint says what last.ckpt holds, the CLI exits 130
             raise KeyboardInterrupt("Ctrl-C during the goodbye")

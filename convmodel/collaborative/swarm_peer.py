@@ -23,6 +23,7 @@ import torch
 from convmodel.collaborative.nan_guard import NanGuard, grads_finite, params_finite, wait_for_delayed_updates
 from convmodel.collaborative.optimizer_rebuild import rebuild_optimizer, rebuild_scheduler, sync_scheduler
 from convmodel.collaborative.run_identity import epochs_of_other_peers, refuse_resume_ahead
+from convmodel.collaborative.signals import shielded_children
 from convmodel.collaborative.state_check import describe_state
 from convmodel.collaborative.swarm_options import OPTION, SwarmOptions
 from convmodel.errors import UserError
@@ -125,33 +126,34 @@ class SwarmPeer:
 
         # hivemind steps a fresh schedule to the current epoch before the first optimizer step
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
-        return swarm_optimizer_class()(
-            dht=self.dht,
-            run_id=options.run_id,
-            target_batch_size=options.target_batch_size,
-            optimizer=optimizer_factory,
-            params=param_groups,
-            scheduler=rebuild_scheduler(scheduler),
-            matchmaking_time=options.matchmaking_time,
-            averaging_timeout=options.averaging_timeout,
-            load_state_timeout=options.load_state_timeout,
-            next_chunk_timeout=options.next_chunk_timeout,
-            reuse_grad_buffers=options.reuse_grad_buffers,
-            offload_optimizer=options.offload_optimizer,
-            delay_optimizer_step=options.delay_optimizer_step,
-            delay_grad_averaging=options.delay_grad_averaging,
-            delay_state_averaging=options.delay_state_averaging,
-            average_state_every=options.average_state_every,
-            client_mode=options.client_mode,
-            auxiliary=auxiliary,
-            grad_compression=build_compression(options.grad_compression, "grad_compression"),
-            state_averaging_compression=build_compression(options.state_averaging_compression,
-                                                          "state_averaging_compression"),
-            grad_averager_factory=grad_averager_factory,
-            tracker_opts={"metadata_expiration": options.metadata_expiration},
-            averager_opts=averager_opts,
-            verbose=options.verbose,
-        )
+        with shielded_children():  # its averager processes ignore terminal signals and die with us (signals.py)
+            return swarm_optimizer_class()(
+                dht=self.dht,
+                run_id=options.run_id,
+                target_batch_size=options.target_batch_size,
+                optimizer=optimizer_factory,
+                params=param_groups,
+                scheduler=rebuild_scheduler(scheduler),
+                matchmaking_time=options.matchmaking_time,
+                averaging_timeout=options.averaging_timeout,
+                load_state_timeout=options.load_state_timeout,
+                next_chunk_timeout=options.next_chunk_timeout,
+                reuse_grad_buffers=options.reuse_grad_buffers,
+                offload_optimizer=options.offload_optimizer,
+                delay_optimizer_step=options.delay_optimizer_step,
+                delay_grad_averaging=options.delay_grad_averaging,
+                delay_state_averaging=options.delay_state_averaging,
+                average_state_every=options.average_state_every,
+                client_mode=options.client_mode,
+                auxiliary=auxiliary,
+                grad_compression=build_compression(options.grad_compression, "grad_compression"),
+                state_averaging_compression=build_compression(options.state_averaging_compression,
+                                                              "state_averaging_compression"),
+                grad_averager_factory=grad_averager_factory,
+                tracker_opts={"metadata_expiration": options.metadata_expiration},
+                averager_opts=averager_opts,
+                verbose=options.verbose,
+            )
 
     def catch_up(self) -> None:
         """Before the first step: take the swarm's state if a peer is further ahead, then report from here."""
@@ -286,14 +288,15 @@ class SwarmPeer:
 
 
 def _stop_processes(opt, dht, companions: list) -> None:
-    """SIGTERM to the averager and DHT processes (the DHT's p2pd daemon follows it, dht.py); a short join each."""
+    """SIGKILL to the averager and DHT processes (they ignore SIGTERM, signals.py; the DHT's p2pd daemon
+    follows it, dht.py); a short join each."""
     processes = list(companions)
     if opt is not None:
         processes += [getattr(opt, "state_averager", None), getattr(opt, "grad_averager", None)]
     processes.append(dht)
     for process in processes:
         if process is not None and process.is_alive():
-            process.terminate()
+            process.kill()
     for process in processes:
         if process is not None:
             process.join(5)
