@@ -16,6 +16,7 @@ itself whatever it inherits, in a process group of its own. Without that the dae
 died under the trainer, whose goodbye then waited for them.
 """
 
+import atexit
 import os
 import signal
 import threading
@@ -108,9 +109,15 @@ def shielded_children() -> Iterator[None]:
     so a restart with the same identity_path failed): PR_SET_PDEATHSIG (Linux) sends them SIGKILL
     when the thread that forked them ends, so only forks from the main thread get it. Nothing changes
     in this process: a signal to it during the block is handled as before.
+
+    Ignoring SIGTERM means `Process.terminate()` no longer ends them, and multiprocessing's exit
+    handler terminates then joins every daemon child without a timeout: one left alive (a goodbye
+    cut short) would hang the exit. So the processes started here are killed (SIGKILL) at exit, before
+    that handler runs.
     """
     import multiprocessing.util
 
+    before = set(multiprocessing.active_children())
     mark = _ForkMark()
     multiprocessing.util.register_after_fork(mark, _in_a_shielded_child)
     mark.main_thread = threading.current_thread() is threading.main_thread()
@@ -118,6 +125,22 @@ def shielded_children() -> Iterator[None]:
         yield
     finally:
         del mark  # the registry drops it: later forks (DataLoader workers) are left as they are
+        started = [process for process in multiprocessing.active_children() if process not in before]
+        if started and not _SHIELDED:
+            atexit.register(_kill_shielded)  # atexit runs last-registered first: before multiprocessing's
+        _SHIELDED.extend(started)
+
+
+#: processes started by `shielded_children`, killed at exit if still alive
+_SHIELDED: list = []
+
+
+def _kill_shielded() -> None:
+    alive = [process for process in _SHIELDED if process.is_alive()]
+    for process in alive:
+        process.kill()
+    for process in alive:
+        process.join(5)
 
 
 def _in_a_shielded_child(mark: _ForkMark) -> None:
