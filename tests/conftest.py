@@ -1,4 +1,5 @@
-"""Session fixtures: real English text and a tokenizer trained on it, built once per test run."""
+"""Session fixtures: real English text and a tokenizer trained on it, built once per test run; and each test
+leaves this process's signal handlers as it found them."""
 
 import pytest
 
@@ -35,3 +36,18 @@ def tokenizer_dir(text_corpus, tmp_path_factory) -> str:
     from convmodel.tokenization import train_tokenizer
 
     return train_tokenizer(text_corpus["train"], str(tmp_path_factory.mktemp("tokenizer")), vocab_size=1000)
+
+
+@pytest.fixture(autouse=True)
+def signal_handlers_put_back():
+    """A test that starts a hivemind averager in this process leaves SIGINT ignored (hivemind sets SIG_IGN
+    before it forks and never restores it); every trainer a later test starts then inherited "ignore" and
+    did not stop on its Ctrl-C (test_a_signal_saves_last_ckpt_and_prints_the_resume_command hung on CI)."""
+    import signal
+
+    numbers = (signal.SIGINT, signal.SIGTERM)
+    before = {number: signal.getsignal(number) for number in numbers}
+    yield
+    for number, handler in before.items():
+        if handler is not None and signal.getsignal(number) is not handler:
+            signal.signal(number, handler)
