@@ -1,0 +1,99 @@
+"""The fine-tuning command line: `finetune.py --config configs/finetune/ner.yaml --model.source DIR`.
+
+LightningCLI over FinetuneModule and FinetuneDataModule (every knob a YAML key, `--print_config`,
+overrides such as `--trainer.max_epochs 5`). One command does the whole protocol: fit with
+early stopping on the dev metric (the config's callbacks), score the best checkpoint on dev and
+test, write the scores beside the logs (scores.json), and export the best model as a Hugging Face
+folder (`--export_dir`, default `<log dir>/model`). The pretrained model is named once
+(`model.source`) and the label names come from the training file: both are linked to where
+they are needed.
+"""
+
+import json
+import os
+import sys
+import warnings
+
+from pytorch_lightning.cli import LightningCLI
+
+from convmodel.cli import ConvmodelArgumentParser, enable_docstring_help, exit_on_user_error
+from convmodel.errors import UserError
+
+
+class FinetuneCLI(LightningCLI):
+    """LightningCLI for one fine-tuning run; `run=False`: finetune() drives fit, scoring and export."""
+
+    def __init__(self, *args, **kwargs):
+        from convmodel.finetune.datamodule import FinetuneDataModule
+        from convmodel.finetune.module import FinetuneModule
+
+        kwargs.setdefault("parser_class", ConvmodelArgumentParser)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("run", False)
+        kwargs.setdefault("auto_configure_optimizers", False)
+        super().__init__(FinetuneModule, FinetuneDataModule, *args, **kwargs)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model.source", "data.source")
+        parser.link_arguments("data.task", "model.task")
+        parser.link_arguments("data.labels", "model.labels", apply_on="instantiate")
+        parser.add_argument("--export_dir", type=str | None, default=None,
+                            help="where to write the best model as a Hugging Face folder (default: <log dir>/model)")
+        parser.add_argument("--overwrite", type=bool, default=False,
+                            help="replace --export_dir if it exists and is not empty (otherwise that is refused)")
+
+
+def finetune(cli: FinetuneCLI) -> dict[str, dict[str, float]]:
+    """Fit, score the best checkpoint on dev (and test), export it; the scores per split."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from convmodel.export.folder import check_output_dir
+    from convmodel.finetune.export import export_finetuned
+
+    trainer, module, data = cli.trainer, cli.model, cli.datamodule
+    export_dir = cli.config.get("export_dir") or os.path.join(trainer.log_dir or ".", "model")
+    overwrite = bool(cli.config.get("overwrite"))
+    check_output_dir(export_dir, overwrite)
+    trainer.fit(module, datamodule=data)
+    if trainer.interrupted:
+        raise UserError("fine-tuning was interrupted; nothing was scored or exported")
+    best = next((c.best_model_path for c in trainer.checkpoint_callbacks
+                 if isinstance(c, ModelCheckpoint) and c.monitor == "val/score" and c.best_model_path), None)
+    if best is None:
+        print("[convmodel] no checkpoint monitors val/score (trainer.callbacks): scoring the last weights",
+              file=sys.stderr)
+    scores = {"dev": strip_prefix(trainer.validate(module, datamodule=data, ckpt_path=best, verbose=False)[0], "val/")}
+    if "test" in data.examples:
+        scores["test"] = strip_prefix(trainer.test(module, datamodule=data, ckpt_path=best, verbose=False)[0], "test/")
+    config = json.loads(json.dumps(cli.parser.dump(cli.config, format="json", skip_none=False)))
+    export_finetuned(module, data.tokenizer, export_dir, overwrite, scores, config)
+    result = {"best_checkpoint": best, "stopped_epoch": trainer.current_epoch, "global_step": trainer.global_step,
+              "export_dir": export_dir, "scores": scores}
+    if trainer.log_dir:
+        with open(os.path.join(trainer.log_dir, "scores.json"), "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+    print(score_summary(result), flush=True)
+    return scores
+
+
+def strip_prefix(metrics: dict, prefix: str) -> dict[str, float]:
+    return {k[len(prefix):]: float(v) for k, v in metrics.items() if k.startswith(prefix) and k != f"{prefix}score"}
+
+
+def score_summary(result: dict) -> str:
+    """The end of a run: where the model went and the main scores per split."""
+    lines = [f"[convmodel] best checkpoint: {result['best_checkpoint'] or 'the last weights'} "
+             f"(stopped after {result['global_step']} steps)"]
+    for split, scores in result["scores"].items():
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if "_" not in k or k in ("macro_f1",))
+        lines.append(f"[convmodel] {split}: {shown}")
+    lines.append(f"[convmodel] exported the best model to {result['export_dir']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run one fine-tuning; a user mistake ends with `error: <what to do>` and exit status 2."""
+    enable_docstring_help()
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    exit_on_user_error(lambda: finetune(FinetuneCLI(args=argv)))
