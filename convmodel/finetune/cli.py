@@ -34,6 +34,16 @@ class FinetuneCLI(LightningCLI):
         super().__init__(FinetuneModule, FinetuneDataModule, *args, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
+        from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+
+        # their own sections, so `--early_stopping.patience 5` works (an item of trainer.callbacks
+        # cannot be set from the command line); both follow val/score, the task metric (model.metric)
+        parser.add_lightning_class_args(EarlyStopping, "early_stopping")
+        parser.set_defaults({"early_stopping.monitor": "val/score", "early_stopping.mode": "max",
+                             "early_stopping.patience": 3, "early_stopping.min_delta": 0.01})
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.monitor": "val/score", "checkpoint.mode": "max",
+                             "checkpoint.save_top_k": 1, "checkpoint.filename": "best"})
         parser.link_arguments("model.source", "data.source")
         parser.link_arguments("data.task", "model.task")
         parser.link_arguments("data.labels", "model.labels", apply_on="instantiate")
