@@ -84,3 +84,16 @@ def test_a_conll_line_without_a_tag_and_a_bad_regression_label(tmp_path, capsys)
                    str(scores), "--data.val_file", str(scores), "--data.test_file", "null", "--data.header", "false",
                    "--data.text_column", "0", "--data.text_pair_column", "1", "--data.label_column", "2"], capsys)
     assert f"{scores}:2: label 'high' is not a number" in err
+
+
+def test_a_model_source_that_is_not_there_or_not_a_convmodel_checkpoint(tmp_path, capsys):
+    train = write_conll(tmp_path / "train.conll", [(["Ada", "codes"], ["B-PER", "O"])])
+    data = ["--data.train_file", str(train), "--data.val_file", str(train), "--data.test_file", "null"]
+    err = run_cli(data, capsys)
+    assert "error: --model.source no/such/model: no such file or folder" in err
+    import torch
+
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}}, foreign)
+    err = run_cli([*data, "--model.source", str(foreign)], capsys)
+    assert f"--model.source {foreign} was not written by convmodel's trainer.py" in err

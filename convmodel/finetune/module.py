@@ -63,6 +63,11 @@ class FinetuneModule(pl.LightningModule):
         self.model = build_task_model(source, task, self.labels, classifier_dropout)
         self._outputs: list[tuple[torch.Tensor, ...]] = []
 
+    def on_fit_start(self) -> None:
+        if self.trainer.world_size > 1:  # the split's predictions are gathered on each process, not across them
+            raise UserError(f"fine-tuning scores a split on one process; give --trainer.devices 1 (not "
+                            f"{self.trainer.world_size} processes)")
+
     def forward(self, batch: dict[str, torch.Tensor]):
         return self.model(**{k: batch[k] for k in INPUT_KEYS if k in batch}, labels=batch["labels"])
 

@@ -33,7 +33,11 @@ def pretrained_folder(source: str, option: str = "--model.source") -> str:
 
         parent = tempfile.mkdtemp(prefix="convmodel-finetune-source-")
         atexit.register(shutil.rmtree, parent, ignore_errors=True)
-        _converted[key] = export_model(source, os.path.join(parent, "model"))
+        print(f"[convmodel] {option} {source} is a pretraining checkpoint: exporting it to a model folder first")
+        try:
+            _converted[key] = export_model(source, os.path.join(parent, "model"))
+        except UserError as exc:  # export_model's messages name its own option
+            raise UserError(str(exc).replace("--ckpt_path", option)) from None
     return _converted[key]
 
 
