@@ -51,17 +51,20 @@ class FinetuneCLI(LightningCLI):
                             help="where to write the best model as a Hugging Face folder (default: <log dir>/model)")
         parser.add_argument("--overwrite", type=bool, default=False,
                             help="replace --export_dir if it exists and is not empty (otherwise that is refused)")
+        parser.add_argument("--num_seeds", type=int, default=1,
+                            help="run the whole protocol under seeds seed_everything, +1, ..., +N-1 and write "
+                                 "seeds.md/seeds.json (mean ± std per metric) beside the runs")
 
 
-def finetune(cli: FinetuneCLI) -> dict[str, dict[str, float]]:
-    """Fit, score the best checkpoint on dev (and test), export it; the scores per split."""
+def finetune(cli: FinetuneCLI, export_dir: str | None = None) -> dict:
+    """Fit, score the best checkpoint on dev (and test), export it; the run's result (scores per split, paths)."""
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     from convmodel.export.folder import check_output_dir
     from convmodel.finetune.export import export_finetuned
 
     trainer, module, data = cli.trainer, cli.model, cli.datamodule
-    export_dir = cli.config.get("export_dir") or os.path.join(trainer.log_dir or ".", "model")
+    export_dir = export_dir or cli.config.get("export_dir") or os.path.join(trainer.log_dir or ".", "model")
     overwrite = bool(cli.config.get("overwrite"))
     check_output_dir(export_dir, overwrite)
     trainer.fit(module, datamodule=data)
@@ -83,7 +86,41 @@ def finetune(cli: FinetuneCLI) -> dict[str, dict[str, float]]:
         with open(os.path.join(trainer.log_dir, "scores.json"), "w", encoding="utf-8") as f:
             json.dump(result, f, indent=2)
     print(score_summary(result), flush=True)
-    return scores
+    return result
+
+
+def finetune_seeds(argv: list[str]) -> list[dict]:
+    """One run, or `--num_seeds N` runs with consecutive seeds and their mean ± std table."""
+    from convmodel.finetune.seeds import write_seed_summary
+
+    cli = FinetuneCLI(args=argv)
+    num_seeds = int(cli.config.get("num_seeds") or 1)
+    if num_seeds < 1:
+        raise UserError(f"--num_seeds {num_seeds}: give at least 1")
+    base = cli.config.get("seed_everything")
+    base = base if isinstance(base, int) and not isinstance(base, bool) else 0
+    seeds = [base + i for i in range(num_seeds)]
+    export_root = cli.config.get("export_dir")
+    if export_root and num_seeds > 1:  # before the first run, not after it
+        from convmodel.export.folder import check_output_dir
+
+        for seed in seeds:
+            check_output_dir(os.path.join(export_root, f"seed{seed}"), bool(cli.config.get("overwrite")))
+    runs = []
+    for i, seed in enumerate(seeds):
+        if i:
+            cli = FinetuneCLI(args=[*argv, "--seed_everything", str(seed)])
+        if num_seeds > 1:
+            print(f"[convmodel] seed {seed} ({i + 1} of {num_seeds})", flush=True)
+        export_dir = os.path.join(export_root, f"seed{seed}") if export_root and num_seeds > 1 else None
+        runs.append({"seed": seed, **finetune(cli, export_dir)})
+    if num_seeds > 1:
+        folder = os.path.dirname(os.path.normpath(cli.trainer.log_dir)) if cli.trainer.log_dir else "."
+        md, js = write_seed_summary(folder, runs, seeds)
+        with open(md, encoding="utf-8") as f:
+            print(f.read(), end="")
+        print(f"[convmodel] the table of {num_seeds} seeds: {md} and {js}", flush=True)
+    return runs
 
 
 def strip_prefix(metrics: dict, prefix: str) -> dict[str, float]:
@@ -106,4 +143,4 @@ def main(argv: list[str] | None = None) -> None:
     enable_docstring_help()
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     argv = sys.argv[1:] if argv is None else list(argv)
-    exit_on_user_error(lambda: finetune(FinetuneCLI(args=argv)))
+    exit_on_user_error(lambda: finetune_seeds(argv))
