@@ -17,21 +17,16 @@ PLACES = ["Paris", "London", "Berlin", "Madrid", "Rome"]
 FILLER = ["the", "function", "returns", "a", "list", "of", "values", "and", "then", "calls"]
 
 
-def model_folder(tokenizer_dir: str, folder: Path, family: str = "bert") -> str:
-    """A randomly initialised tiny BERT (masked LM) or GPT-2 (causal LM) saved as a model folder."""
+def model_folder(tokenizer_dir: str, folder: Path) -> str:
+    """A randomly initialised tiny BERT masked LM saved as a model folder, as save_pretrained writes one."""
     import torch
-    from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
+    from transformers import BertConfig, BertForMaskedLM
 
     from convmodel.tokenization import load_tokenizer, save_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_dir)
     torch.manual_seed(0)
-    if family == "bert":
-        model = BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                                           **TINY_BERT))
-    else:
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,
-                                           eos_token_id=tokenizer.eos_token_id, **TINY_GPT2))
+    model = BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **TINY_BERT))
     model.save_pretrained(folder)
     save_tokenizer(tokenizer, str(folder))
     return str(folder)

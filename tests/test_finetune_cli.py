@@ -1,7 +1,7 @@
 """trainer/finetune.py end to end: each task trains a few steps on tiny real models through the CLI.
 
 One run per task: NER from a BERT folder (early stopping ends it), sentence-pair classification
-from a GPT-2 folder, pair regression from a convmodel pretraining .ckpt. Each checks the scores it
+from a GPT-2 pretraining .ckpt, pair regression from a BERT pretraining .ckpt. Each checks the scores it
 reports against the exported model's own predictions, and the exported folders run in
 `transformers.pipeline` in a process where convmodel cannot be imported.
 """
@@ -38,27 +38,37 @@ def finetune(config: str, source: str, run_dir: Path, *args: str) -> dict:
     return json.loads(scores.read_text())
 
 
-@pytest.fixture(scope="module")
-def bert_ckpt(tmp_path_factory, text_corpus, tokenizer_dir) -> str:
-    """A convmodel pretraining checkpoint: BERT mlm trained one step by trainer.py's module."""
+def pretrain_one_step(root: Path, corpus: str, tokenizer_dir: str, family: str) -> str:
+    """A convmodel pretraining checkpoint (BERT mlm or GPT-2 clm) trained one step by trainer.py's module."""
     import pytorch_lightning as pl
-    from finetune_helpers import TINY_BERT
+    from finetune_helpers import TINY_BERT, TINY_GPT2
 
     from convmodel.data import JsonlDataModule, prepare_train_data
-    from convmodel.models import BertPretraining
+    from convmodel.models import BertPretraining, Gpt2Pretraining
 
-    root = tmp_path_factory.mktemp("pretrained")
-    shards = root / "shards"
-    prepare_train_data(text_corpus["valid"], tokenizer_dir, str(shards), objective="mlm", max_seq_len=64,
-                       num_workers=1, progress=False)
-    pattern = str(shards / "part-*.jsonl")
-    data = JsonlDataModule(tokenizer_dir, train_files=pattern, objective="mlm", batch_size=4, max_seq_len=64)
-    module = BertPretraining(tokenizer_dir, config=TINY_BERT, warmup_steps=1)
+    objective = "mlm" if family == "bert" else "clm"
+    shards = root / f"shards-{objective}"
+    prepare_train_data(corpus, tokenizer_dir, str(shards), objective=objective, max_seq_len=64, num_workers=1,
+                       progress=False)
+    data = JsonlDataModule(tokenizer_dir, train_files=str(shards / "part-*.jsonl"), objective=objective,
+                           batch_size=4, max_seq_len=64)
+    module = (BertPretraining(tokenizer_dir, config=TINY_BERT, warmup_steps=1) if family == "bert"
+              else Gpt2Pretraining(tokenizer_dir, config=TINY_GPT2, objective="clm", warmup_steps=1))
     trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
     trainer.fit(module, data)
-    trainer.save_checkpoint(root / "last.ckpt")
-    return str(root / "last.ckpt")
+    trainer.save_checkpoint(root / f"{family}.ckpt")
+    return str(root / f"{family}.ckpt")
+
+
+@pytest.fixture(scope="module")
+def bert_ckpt(tmp_path_factory, text_corpus, tokenizer_dir) -> str:
+    return pretrain_one_step(tmp_path_factory.mktemp("pretrained"), text_corpus["valid"], tokenizer_dir, "bert")
+
+
+@pytest.fixture(scope="module")
+def gpt2_ckpt(tmp_path_factory, text_corpus, tokenizer_dir) -> str:
+    return pretrain_one_step(tmp_path_factory.mktemp("pretrained"), text_corpus["valid"], tokenizer_dir, "gpt2")
 
 
 def test_ner_stops_early_and_reports_the_exported_models_scores(tmp_path, tokenizer_dir):
@@ -102,8 +112,8 @@ def test_ner_stops_early_and_reports_the_exported_models_scores(tmp_path, tokeni
     run_pipelines({"token-classification": export}, "Alice Bob lived in Paris")
 
 
-def test_pair_classification_from_a_gpt2_folder(tmp_path, tokenizer_dir):
-    source = model_folder(tokenizer_dir, tmp_path / "gpt2", family="gpt2")
+def test_pair_classification_from_a_gpt2_checkpoint(tmp_path, gpt2_ckpt):
+    source = gpt2_ckpt
     header = ["premise", "hypothesis", "y"]
     train = write_csv(tmp_path / "train.csv", [e[:3] for e in text_examples(48, 0)], header)
     dev = write_jsonl(tmp_path / "dev.jsonl", [dict(zip(header, e[:3])) for e in text_examples(16, 1)])
