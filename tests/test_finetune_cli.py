@@ -2,8 +2,8 @@
 
 One run per task: NER from a BERT folder (early stopping ends it), sentence-pair classification
 from a GPT-2 pretraining .ckpt, pair regression from a BERT pretraining .ckpt. Each checks the scores it
-reports against the exported model's own predictions, and the exported folders run in
-`transformers.pipeline` in a process where convmodel cannot be imported.
+reports against the exported model's own predictions; the last test runs every exported folder
+in `transformers.pipeline` in one process where convmodel cannot be imported.
 """
 
 import json
@@ -25,6 +25,8 @@ from finetune_helpers import (
 from convmodel.finetune.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
+#: folder -> pipeline task, filled by the tests that export and run by the last test of this file
+EXPORTED: dict[str, str] = {}
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
          "--trainer.log_every_n_steps", "1", "--data.batch_size", "16", "--model.lr", "3e-3",
          "--model.warmup_ratio", "0"]
@@ -39,21 +41,22 @@ def finetune(config: str, source: str, run_dir: Path, *args: str) -> dict:
 
 
 def pretrain_one_step(root: Path, corpus: str, tokenizer_dir: str, family: str) -> str:
-    """A convmodel pretraining checkpoint (BERT mlm or GPT-2 clm) trained one step by trainer.py's module."""
+    """A convmodel pretraining checkpoint (BERT or LeanALBERT mlm, GPT-2 clm) trained one step."""
     import pytorch_lightning as pl
-    from finetune_helpers import TINY_BERT, TINY_GPT2
+    from finetune_helpers import TINY_BERT, TINY_GPT2, TINY_LEAN_ALBERT
 
     from convmodel.data import JsonlDataModule, prepare_train_data
-    from convmodel.models import BertPretraining, Gpt2Pretraining
+    from convmodel.models import BertPretraining, Gpt2Pretraining, LeanAlbertPretraining
 
-    objective = "mlm" if family == "bert" else "clm"
+    objective = "clm" if family == "gpt2" else "mlm"
     shards = root / f"shards-{objective}"
     prepare_train_data(corpus, tokenizer_dir, str(shards), objective=objective, max_seq_len=64, num_workers=1,
                        progress=False)
     data = JsonlDataModule(tokenizer_dir, train_files=str(shards / "part-*.jsonl"), objective=objective,
                            batch_size=4, max_seq_len=64)
-    module = (BertPretraining(tokenizer_dir, config=TINY_BERT, warmup_steps=1) if family == "bert"
-              else Gpt2Pretraining(tokenizer_dir, config=TINY_GPT2, objective="clm", warmup_steps=1))
+    module_class, config = {"bert": (BertPretraining, TINY_BERT), "gpt2": (Gpt2Pretraining, TINY_GPT2),
+                            "lean_albert": (LeanAlbertPretraining, TINY_LEAN_ALBERT)}[family]
+    module = module_class(tokenizer_dir, config=config, objective=objective, warmup_steps=1)
     trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
     trainer.fit(module, data)
@@ -109,7 +112,7 @@ def test_ner_stops_early_and_reports_the_exported_models_scores(tmp_path, tokeni
     assert entity_scores(gold, predicted)["accuracy"] == pytest.approx(dev_scores["accuracy"])
     card = (Path(export) / "README.md").read_text()
     assert "pipeline_tag: token-classification" in card and f"| f1 | {dev_scores['f1']:.4f} |" in card
-    run_pipelines({"token-classification": export}, "Alice Bob lived in Paris")
+    EXPORTED[export] = "token-classification"
 
 
 def test_pair_classification_from_a_gpt2_checkpoint(tmp_path, gpt2_ckpt):
@@ -137,7 +140,7 @@ def test_pair_classification_from_a_gpt2_checkpoint(tmp_path, gpt2_ckpt):
         predicted = model(**encoded).logits.argmax(-1).tolist()
     accuracy = sum(model.config.id2label[p] == e[2] for p, e in zip(predicted, examples)) / len(examples)
     assert accuracy == pytest.approx(result["scores"]["dev"]["accuracy"])
-    run_pipelines({"text-classification": export}, "the function returns Paris")
+    EXPORTED[export] = "text-classification"
 
 
 def test_pair_regression_from_a_pretraining_checkpoint(tmp_path, bert_ckpt):
@@ -169,10 +172,33 @@ def test_pair_regression_from_a_pretraining_checkpoint(tmp_path, bert_ckpt):
     assert dev_scores["pearson"] == pytest.approx(pearson, abs=1e-4)
     assert dev_scores["spearman"] == pytest.approx(spearman, abs=1e-4)
     assert result["scores"]["test"]["pearson"] == pytest.approx(pearson, abs=1e-4)
+    EXPORTED[export] = "text-classification"
 
 
-def run_pipelines(folders: dict[str, str], text: str) -> None:
-    """Each folder in `transformers.pipeline(task)` in a fresh process where importing convmodel fails."""
+def test_ner_on_lean_albert_ships_its_token_classification_code(tmp_path, text_corpus, tokenizer_dir):
+    source = pretrain_one_step(tmp_path, text_corpus["valid"], tokenizer_dir, "lean_albert")
+    train = write_jsonl(tmp_path / "train.jsonl", [{"tokens": t, "tags": g} for t, g in tagged_sentences(32, 0)])
+    result = finetune("ner.yaml", source, tmp_path / "runs", "--data.train_file", str(train),
+                      "--data.val_file", str(train), "--data.test_file", "null", "--trainer.max_epochs", "1",
+                      "--data.label_all_subtokens", "true")
+    export = Path(result["export_dir"])
+    config = json.loads((export / "config.json").read_text())
+    assert config["architectures"] == ["LeanAlbertForTokenClassification"]
+    assert (export / "modeling_lean_albert.py").is_file()
+    assert set(config["id2label"].values()) == {"O", "B-PER", "I-PER", "B-LOC", "I-LOC"}  # I-LOC: sub-tokens
+    EXPORTED[str(export)] = "token-classification"
+
+
+def test_exported_folders_work_in_pipelines_without_convmodel():
+    """The folders the tests above exported, each in `transformers.pipeline(task)`, all in one fresh process.
+
+    One process for all of them: starting Python with torch and transformers costs ~6 s of CPU.
+    Importing convmodel fails there; trust_remote_code only for a folder that ships its code (LeanALBERT).
+    """
+    if not EXPORTED:
+        pytest.skip("no test above exported a folder in this run")
+    runs = [(task, folder, "auto_map" in json.loads((Path(folder) / "config.json").read_text()))
+            for folder, task in EXPORTED.items()]
     script = f"""
 import sys
 class NoConvmodel:
@@ -181,36 +207,14 @@ class NoConvmodel:
             raise ImportError("convmodel is not installed here")
 sys.meta_path.insert(0, NoConvmodel())
 from transformers import pipeline
-for task, folder in {folders!r}.items():
-    out = pipeline(task, model=folder)({text!r})
-    labels = {{item["entity" if task == "token-classification" else "label"] for item in out}}
-    print(task, sorted(labels))
+for task, folder, remote in {runs!r}:
+    out = pipeline(task, model=folder, trust_remote_code=remote)("Alice Bob lived in Paris")
+    print(folder, sorted({{item["entity" if task == "token-classification" else "label"] for item in out}}))
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                           cwd="/", env={"PATH": "/usr/bin:/bin", "HOME": str(Path.home())})
     assert done.returncode == 0, done.stderr[-3000:]
-    for task, folder in folders.items():
-        config = json.loads((Path(folder) / "config.json").read_text())
-        line = next(line for line in done.stdout.splitlines() if line.startswith(task))
-        assert set(eval(line.split(" ", 1)[1])) <= set(config["id2label"].values()), line
-
-
-def test_num_seeds_runs_each_seed_and_tables_mean_and_std(tmp_path, tokenizer_dir):
-    source = model_folder(tokenizer_dir, tmp_path / "bert")
-    train = write_jsonl(tmp_path / "train.jsonl", [{"text": t, "label": c} for t, _, c, _ in text_examples(32, 0)])
-    main(["--config", str(REPO / "configs" / "finetune" / "classification.yaml"), "--model.source", source,
-          "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), *QUIET, "--data.train_file", str(train),
-          "--data.val_file", str(train), "--data.test_file", "null", "--trainer.max_epochs", "1",
-          "--num_seeds", "2", "--seed_everything", "7"])
-    runs = [json.loads((tmp_path / "runs" / f"version_{i}" / "scores.json").read_text()) for i in (0, 1)]
-    summary = json.loads((tmp_path / "runs" / "seeds.json").read_text())
-    assert summary["seeds"] == [7, 8]
-    table = (tmp_path / "runs" / "seeds.md").read_text()
-    for metric in ("loss", "accuracy", "macro_f1", "mcc"):
-        a, b = (run["scores"]["dev"][metric] for run in runs)
-        assert summary["summary"]["dev"][metric]["mean"] == pytest.approx((a + b) / 2)
-        # the sample std of two values is |a - b| / sqrt 2
-        assert summary["summary"]["dev"][metric]["std"] == pytest.approx(abs(a - b) / 2 ** 0.5)
-        assert f"| {metric} | {(a + b) / 2:.4f} ± {abs(a - b) / 2 ** 0.5:.4f} |" in table
-    assert runs[0]["scores"]["dev"]["loss"] != runs[1]["scores"]["dev"]["loss"]  # the seeds did differ
-    assert all(Path(run["export_dir"], "config.json").is_file() for run in runs)
+    printed = dict(line.split(" ", 1) for line in done.stdout.splitlines() if line.startswith("/"))
+    for folder in EXPORTED:
+        labels = json.loads((Path(folder) / "config.json").read_text())["id2label"].values()
+        assert set(eval(printed[folder])) <= set(labels), (folder, printed[folder])

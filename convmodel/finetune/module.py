@@ -8,7 +8,9 @@ Predictions are gathered over a whole split and scored at its end (convmodel.fin
 checkpoint monitor.
 """
 
+import json
 import math
+import os
 
 import pytorch_lightning as pl
 import torch
@@ -159,6 +161,9 @@ def build_task_model(source: str, task: str, labels: list[str] | None, classifie
     from convmodel.finetune.source import load_source_tokenizer, pretrained_folder
 
     folder = pretrained_folder(source)
+    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+        if json.load(f).get("model_type") == "lean_albert":  # its classes, registered with the Auto classes
+            import convmodel.models.lean_albert  # noqa: F401
     auto = (transformers.AutoModelForTokenClassification if task == "token_classification"
             else transformers.AutoModelForSequenceClassification)
     kwargs = {"num_labels": 1, "problem_type": "regression"} if labels is None else {
