@@ -86,9 +86,13 @@ def test_a_conll_line_without_a_tag_and_a_bad_regression_label(tmp_path, capsys)
     assert f"{scores}:2: label 'high' is not a number" in err
 
 
-def test_a_model_source_that_is_not_there_or_not_a_convmodel_checkpoint(tmp_path, capsys):
+def test_a_model_source_that_is_missing_not_there_or_not_a_convmodel_checkpoint(tmp_path, capsys):
     train = write_conll(tmp_path / "train.conll", [(["Ada", "codes"], ["B-PER", "O"])])
     data = ["--data.train_file", str(train), "--data.val_file", str(train), "--data.test_file", "null"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(REPO / "configs" / "finetune" / "ner.yaml"), *data])
+    assert exit_info.value.code == 2
+    assert "error: --model.source is required: the pretrained model" in capsys.readouterr().err
     err = run_cli(data, capsys)
     assert "error: --model.source no/such/model: no such file or folder" in err
     import torch

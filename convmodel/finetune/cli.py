@@ -20,6 +20,16 @@ from convmodel.cli import ConvmodelArgumentParser, enable_docstring_help, exit_o
 from convmodel.errors import UserError
 
 
+class FinetuneArgumentParser(ConvmodelArgumentParser):
+    """ConvmodelArgumentParser, saying what to give when the config names no pretrained model."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if 'Parser key "model.source"' in message and "Got value: None" in message:
+            message = ("--model.source is required: the pretrained model to start from, a folder written by "
+                       "export_model.py (e.g. runs/bert-tiny/model) or a .ckpt written by trainer.py")
+        super().error(message, ex)
+
+
 class FinetuneCLI(LightningCLI):
     """LightningCLI for one fine-tuning run; `run=False`: finetune() drives fit, scoring and export."""
 
@@ -27,7 +37,7 @@ class FinetuneCLI(LightningCLI):
         from convmodel.finetune.datamodule import FinetuneDataModule
         from convmodel.finetune.module import FinetuneModule
 
-        kwargs.setdefault("parser_class", ConvmodelArgumentParser)
+        kwargs.setdefault("parser_class", FinetuneArgumentParser)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("run", False)
         kwargs.setdefault("auto_configure_optimizers", False)
