@@ -89,6 +89,10 @@ class FinetuneDataModule(pl.LightningDataModule):
         from convmodel.finetune.source import load_source_tokenizer
 
         self.tokenizer = load_source_tokenizer(self.source)
+        if self.task == "token_classification" and not self.tokenizer.is_fast:
+            raise UserError(f"--model.source {self.source}: its tokenizer is a slow (Python) one, which cannot say "
+                            "which word each sub-token belongs to; save the model with a tokenizer.json (a fast "
+                            "tokenizer), as export_model.py does")
         label_ids = None if self.labels is None else {name: i for i, name in enumerate(self.labels)}
         hp = self.hparams
         for split, examples in self.examples.items():
