@@ -189,6 +189,27 @@ def test_ner_on_lean_albert_ships_its_token_classification_code(tmp_path, text_c
     EXPORTED[str(export)] = "token-classification"
 
 
+def test_num_seeds_runs_each_seed_and_tables_mean_and_std(tmp_path, tokenizer_dir):
+    source = model_folder(tokenizer_dir, tmp_path / "bert")
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": t, "label": c} for t, _, c, _ in text_examples(32, 0)])
+    main(["--config", str(REPO / "configs" / "finetune" / "classification.yaml"), "--model.source", source,
+          "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), *QUIET, "--data.train_file", str(train),
+          "--data.val_file", str(train), "--data.test_file", "null", "--trainer.max_epochs", "1",
+          "--num_seeds", "2", "--seed_everything", "7"])
+    runs = [json.loads((tmp_path / "runs" / f"version_{i}" / "scores.json").read_text()) for i in (0, 1)]
+    summary = json.loads((tmp_path / "runs" / "seeds.json").read_text())
+    assert summary["seeds"] == [7, 8]
+    table = (tmp_path / "runs" / "seeds.md").read_text()
+    for metric in ("loss", "accuracy", "macro_f1", "mcc"):
+        a, b = (run["scores"]["dev"][metric] for run in runs)
+        assert summary["summary"]["dev"][metric]["mean"] == pytest.approx((a + b) / 2)
+        # the sample std of two values is |a - b| / sqrt 2
+        assert summary["summary"]["dev"][metric]["std"] == pytest.approx(abs(a - b) / 2 ** 0.5)
+        assert f"| {metric} | {(a + b) / 2:.4f} ± {abs(a - b) / 2 ** 0.5:.4f} |" in table
+    assert runs[0]["scores"]["dev"]["loss"] != runs[1]["scores"]["dev"]["loss"]  # the seeds did differ
+    assert all(Path(run["export_dir"], "config.json").is_file() for run in runs)
+
+
 def test_exported_folders_work_in_pipelines_without_convmodel():
     """The folders the tests above exported, each in `transformers.pipeline(task)`, all in one fresh process.
 
