@@ -28,7 +28,8 @@ setup(
         "tensorboard>=2.14",
         "fire>=0.6",
         "tqdm",
-        "msgspec>=0.18",  # shard records decoded and checked in C (convmodel/data/record_decoding.py)
+        "msgspec>=0.18",
+        "seqeval>=1.2,<2",  # entity-level NER scores (convmodel/finetune/metrics.py)  # shard records decoded and checked in C (convmodel/data/record_decoding.py)
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "datasets>=2.19"],
@@ -39,6 +40,7 @@ setup(
             "convmodel-train-tokenizer=convmodel.tokenization:main",
             "convmodel-prepare-data=convmodel.data.prepare:main",
             "convmodel-export=convmodel.export:main",
+            "convmodel-finetune=convmodel.finetune.cli:main",
             "convmodel-fill-mask=convmodel.export:fill_mask_main",
             "convmodel-generate=convmodel.generation:generate_main",
             "convmodel-aux-peer=convmodel.collaborative.aux_peer:main",

@@ -12,6 +12,7 @@ from transformers import (
     AutoModelForMaskedLM,
     AutoModelForPreTraining,
     AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
 )
 
 from .configuration_lean_albert import LeanAlbertConfig
@@ -19,6 +20,7 @@ from .modeling_lean_albert import (
     LeanAlbertForMaskedLM,
     LeanAlbertForPreTraining,
     LeanAlbertForSequenceClassification,
+    LeanAlbertForTokenClassification,
     LeanAlbertModel,
     LeanAlbertPreTrainedModel,
 )
@@ -28,6 +30,7 @@ _AUTO_CLASSES = {
     LeanAlbertForPreTraining: AutoModelForPreTraining,
     LeanAlbertForMaskedLM: AutoModelForMaskedLM,
     LeanAlbertForSequenceClassification: AutoModelForSequenceClassification,
+    LeanAlbertForTokenClassification: AutoModelForTokenClassification,
 }
 
 AutoConfig.register(LeanAlbertConfig.model_type, LeanAlbertConfig, exist_ok=True)
@@ -43,4 +46,5 @@ __all__ = [
     "LeanAlbertForPreTraining",
     "LeanAlbertForMaskedLM",
     "LeanAlbertForSequenceClassification",
+    "LeanAlbertForTokenClassification",
 ]

@@ -16,6 +16,7 @@ AUTO_MAP = {
     "AutoModelForPreTraining": "modeling_lean_albert.LeanAlbertForPreTraining",
     "AutoModelForMaskedLM": "modeling_lean_albert.LeanAlbertForMaskedLM",
     "AutoModelForSequenceClassification": "modeling_lean_albert.LeanAlbertForSequenceClassification",
+    "AutoModelForTokenClassification": "modeling_lean_albert.LeanAlbertForTokenClassification",
 }
 
 

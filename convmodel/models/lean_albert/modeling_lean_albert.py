@@ -31,6 +31,7 @@ from transformers.modeling_outputs import (
     BaseModelOutputWithPooling,
     MaskedLMOutput,
     SequenceClassifierOutput,
+    TokenClassifierOutput,
 )
 from transformers.utils import ModelOutput
 
@@ -485,4 +486,39 @@ class LeanAlbertForSequenceClassification(LeanAlbertPreTrainedModel):
             else:
                 loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float())
         output = SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+        return output if return_dict else output.to_tuple()
+
+
+class LeanAlbertForTokenClassification(LeanAlbertPreTrainedModel):
+    """Each token's final hidden state -> dropout -> linear to config.num_labels (NER, POS tagging)."""
+
+    def __init__(self, config: LeanAlbertConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.albert = LeanAlbertModel(config, add_pooling_layer=False)
+        self.dropout = nn.Dropout(config.classifier_dropout_prob)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> TokenClassifierOutput | tuple:
+        """labels: (B, S) class ids, -100 where a token has no label (padding, later sub-tokens)."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.albert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                              output_hidden_states=output_hidden_states, return_dict=True, **kwargs)
+        logits = self.classifier(self.dropout(outputs.last_hidden_state))  # (B, S, num_labels)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        output = TokenClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
         return output if return_dict else output.to_tuple()
