@@ -28,8 +28,8 @@ setup(
         "tensorboard>=2.14",
         "fire>=0.6",
         "tqdm",
-        "msgspec>=0.18",
-        "seqeval>=1.2,<2",  # entity-level NER scores (convmodel/finetune/metrics.py)  # shard records decoded and checked in C (convmodel/data/record_decoding.py)
+        "msgspec>=0.18",  # shard records decoded and checked in C (convmodel/data/record_decoding.py)
+        "seqeval>=1.2,<2",  # entity-level NER scores (convmodel/finetune/metrics.py)
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "datasets>=2.19"],
