@@ -323,10 +323,15 @@ def announce_addresses(dht, peers_file: str | None) -> list[str]:
 
 
 def metrics_key(identity_path: str | None):
-    """The RSA key that signs this peer's metrics record: kept next to identity_path, so a restarted
-    peer writes the same record instead of leaving its old one to be counted until it expires.
+    """The RSA key that signs this peer's DHT records: kept next to identity_path, so a restarted
+    peer writes the same records instead of leaving its old ones to be counted until they expire.
 
-    Without identity_path each process signs with a fresh key (hivemind's process-wide default).
+    It becomes hivemind's process-wide key, which its progress tracker signs with too: the DHT keeps
+    one RSASignatureValidator (a second one "merges" and is dropped), so with two keys in one process
+    the progress records carried one key as owner and the other's signature, every other peer
+    rejected them, and a peer with identity_path was never counted by the others ("1 peer" for 100
+    epochs while averaging with them). Without identity_path each process signs with a fresh key
+    (hivemind's process-wide default).
     """
     from hivemind.utils.crypto import RSAPrivateKey
 
@@ -341,11 +346,13 @@ def metrics_key(identity_path: str | None):
         except ValueError as exc:
             raise UserError(f"{path} (the metrics key kept next to identity_path) is not a private key ({exc}); "
                             "delete it and a new one is made") from exc
-        return key
-    key = RSAPrivateKey()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
-        f.write(key.to_bytes())
-    os.replace(tmp, path)
+    else:
+        key = RSAPrivateKey()
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+            f.write(key.to_bytes())
+        os.replace(tmp, path)
+    with RSAPrivateKey._process_wide_key_lock:  # before hivemind's tracker makes its validator
+        RSAPrivateKey._process_wide_key = key
     return key
