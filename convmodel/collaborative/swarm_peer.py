@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from convmodel.collaborative.exit_noise import ignore_pending_tasks_destroyed_after_leaving
 from convmodel.collaborative.nan_guard import NanGuard, grads_finite, params_finite, wait_for_delayed_updates
 from convmodel.collaborative.optimizer_rebuild import rebuild_optimizer, rebuild_scheduler, sync_scheduler
 from convmodel.collaborative.run_identity import epochs_of_other_peers, refuse_resume_ahead
@@ -270,6 +271,7 @@ class SwarmPeer:
             print(f"[convmodel] the goodbye did not finish within {self.goodbye_limit_s:g} s: stopping at once",
                   file=sys.stderr, flush=True)
             _stop_processes(opt, dht, self.companions)
+        ignore_pending_tasks_destroyed_after_leaving()
         return interrupted
 
     @property
