@@ -195,7 +195,7 @@ def test_random_init_keeps_the_architecture_and_draws_new_weights(tmp_path, toke
     source = model_folder(tokenizer_dir, tmp_path / "bert")
     labels = ["O", "B-PER", "I-PER"]
     pretrained = build_task_model(source, "token_classification", labels, None)
-    torch.manual_seed(0)
+    torch.manual_seed(1)  # model_folder drew the source's weights under seed 0
     random = build_task_model(source, "token_classification", labels, None, random_init=True)
     assert random.config.to_dict() == pretrained.config.to_dict()
     assert random.config.id2label == dict(enumerate(labels))
