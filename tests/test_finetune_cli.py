@@ -189,6 +189,21 @@ def test_ner_on_lean_albert_ships_its_token_classification_code(tmp_path, text_c
     EXPORTED[str(export)] = "token-classification"
 
 
+def test_random_init_keeps_the_architecture_and_draws_new_weights(tmp_path, tokenizer_dir):
+    from convmodel.finetune.module import build_task_model
+
+    source = model_folder(tokenizer_dir, tmp_path / "bert")
+    labels = ["O", "B-PER", "I-PER"]
+    pretrained = build_task_model(source, "token_classification", labels, None)
+    torch.manual_seed(1)  # model_folder drew the source's weights under seed 0
+    random = build_task_model(source, "token_classification", labels, None, random_init=True)
+    assert random.config.to_dict() == pretrained.config.to_dict()
+    assert random.config.id2label == dict(enumerate(labels))
+    assert [n for n, _ in random.named_parameters()] == [n for n, _ in pretrained.named_parameters()]
+    assert not torch.equal(random.get_input_embeddings().weight, pretrained.get_input_embeddings().weight)
+    assert random.training  # Lightning keeps the mode a module comes in
+
+
 def test_num_seeds_runs_each_seed_and_tables_mean_and_std(tmp_path, tokenizer_dir):
     source = model_folder(tokenizer_dir, tmp_path / "bert")
     train = write_jsonl(tmp_path / "train.jsonl", [{"text": t, "label": c} for t, _, c, _ in text_examples(32, 0)])

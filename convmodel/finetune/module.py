@@ -40,6 +40,7 @@ class FinetuneModule(pl.LightningModule):
         weight_decay: Decoupled weight decay on matrices (not biases or norms).
         warmup_ratio: Share of the training steps with linear warmup from 0, then linear decay to 0.
         classifier_dropout: Dropout before the head; null keeps the pretrained config's.
+        random_init: Start from the source's architecture and tokenizer with random weights instead of its trained ones (the baseline that shows what pretraining brings).
     """
 
     def __init__(
@@ -52,6 +53,7 @@ class FinetuneModule(pl.LightningModule):
         weight_decay: float = 0.01,
         warmup_ratio: float = 0.1,
         classifier_dropout: float | None = None,
+        random_init: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -62,7 +64,7 @@ class FinetuneModule(pl.LightningModule):
                             f"{', '.join(METRICS[task])}")
         if task != "regression" and not self.labels:
             raise UserError(f"{task} needs label names (linked from the training file); the training file has none")
-        self.model = build_task_model(source, task, self.labels, classifier_dropout)
+        self.model = build_task_model(source, task, self.labels, classifier_dropout, random_init)
         self._outputs: list[tuple[torch.Tensor, ...]] = []
 
     def on_fit_start(self) -> None:
@@ -154,8 +156,13 @@ def word_tags(predictions: torch.Tensor, word_index: torch.Tensor, word_labels: 
     return gold, predicted
 
 
-def build_task_model(source: str, task: str, labels: list[str] | None, classifier_dropout: float | None):
-    """The transformers model with a fresh head for `task`, its label names and a pad id in the config."""
+def build_task_model(source: str, task: str, labels: list[str] | None, classifier_dropout: float | None,
+                     random_init: bool = False):
+    """The transformers model with a fresh head for `task`, its label names and a pad id in the config.
+
+    With random_init only the source's config is used: the same architecture, weights drawn as
+    `_init_weights` draws them (under the run's seed).
+    """
     import transformers
 
     from convmodel.finetune.source import load_source_tokenizer, pretrained_folder
@@ -174,7 +181,10 @@ def build_task_model(source: str, task: str, labels: list[str] | None, classifie
     if classifier_dropout is not None:
         kwargs["classifier_dropout"] = classifier_dropout
     try:
-        model = auto.from_pretrained(folder, **kwargs)
+        if random_init:
+            model = auto.from_config(transformers.AutoConfig.from_pretrained(folder, **kwargs))
+        else:
+            model = auto.from_pretrained(folder, **kwargs)
     except ValueError as exc:  # an architecture without this head
         raise UserError(f"--model.source {source}: transformers has no {task} head for it ({exc})") from exc
     if model.config.pad_token_id is None:  # GPT-2 finds each sequence's last token by the pad id
