@@ -9,12 +9,8 @@ import json
 import random
 from pathlib import Path
 
-TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
-             "max_position_embeddings": 64}
-TINY_GPT2 = {"n_embd": 32, "n_layer": 1, "n_head": 2, "n_positions": 64}
-TINY_LEAN_ALBERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
-                    "embedding_size": 16, "hidden_act_gated": True, "share_large_matrices": 1,
-                    "position_embedding_type": "rotary", "max_position_embeddings": 64}
+from test_export import TINY_BERT, TINY_GPT2, TINY_LEAN_ALBERT  # noqa: F401  (the export tests' tiny sizes)
+
 PEOPLE = ["Alice", "Bob", "Carol", "Dave", "Erin"]
 PLACES = ["Paris", "London", "Berlin", "Madrid", "Rome"]
 FILLER = ["the", "function", "returns", "a", "list", "of", "values", "and", "then", "calls"]
