@@ -22,7 +22,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 test: install lint
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=25
 
 # The whole pipeline on a corpus built from text already on this machine (no downloads): a BERT
 # and a GPT-2, each checked against the loss of a model that knows only token frequencies

@@ -240,15 +240,20 @@ def enable_docstring_help() -> None:
         set_parsing_settings(docstring_parse_style=DocstringStyle.GOOGLE)
 
 
-def find_user_error(exc: BaseException) -> UserError | None:
-    """The UserError behind `exc`, also when a library re-raised it wrapped in another exception."""
+def find_in_chain(exc: BaseException, kind: type) -> BaseException | None:
+    """The `kind` exception behind `exc`: `exc` itself, or one a library was handling when it raised `exc`."""
     seen = set()
     while exc is not None and id(exc) not in seen:
-        if isinstance(exc, UserError):
+        if isinstance(exc, kind):
             return exc
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def find_user_error(exc: BaseException) -> UserError | None:
+    """The UserError behind `exc`, also when a library re-raised it wrapped in another exception."""
+    return find_in_chain(exc, UserError)
 
 
 def with_default_subcommand(argv: list[str]) -> list[str]:
@@ -281,13 +286,24 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         # a second Ctrl-C after Lightning's own handling ended (a swarm peer's goodbye had finished and the
         # summary was printing): the run is saved and summarized as far as it got; stop at once, no traceback
-        print("[convmodel] stopping at once (Ctrl-C)", file=sys.stderr, flush=True)
-        sys.exit(EXIT_SIGINT)
+        stop_at_once()
+    except Exception as exc:
+        # a second Ctrl-C that lands in Lightning's teardown (closing the TensorBoard writer) makes its
+        # interrupt handling fail in turn ("Writer is closed"): that is still the user stopping at once
+        if find_in_chain(exc, KeyboardInterrupt) is None:
+            raise
+        stop_at_once()
     except SystemExit as exc:
         status = interrupt_exit_status(exc)
         if status is None:
             raise
         sys.exit(status)
+
+
+def stop_at_once() -> None:
+    """Exit 130 with one line: the user pressed Ctrl-C again; what could be saved was saved before."""
+    print("[convmodel] stopping at once (Ctrl-C)", file=sys.stderr, flush=True)
+    sys.exit(EXIT_SIGINT)
 
 
 def interrupt_exit_status(exc: SystemExit) -> int | None:

@@ -119,6 +119,7 @@ class RunCheckpoint(ModelCheckpoint):
         return os.path.join(str(self.dirpath), LAST)
 
     def setup(self, trainer, pl_module, stage: str) -> None:
+        self._training = False  # until this fit's training starts; it stays True through the teardown after
         self.resolve_dirpath(trainer)
         super().setup(trainer, pl_module, stage)
 
@@ -160,7 +161,8 @@ class RunCheckpoint(ModelCheckpoint):
         super().on_train_end(trainer, pl_module)
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
-        self._training = False
+        # a Ctrl-C can still land after this (Lightning closes the loggers next): on_exception then reports
+        # the last.ckpt that on_train_end wrote, so _training stays as it was
         self._release_ctrl_c()
         super().teardown(trainer, pl_module, stage)
 

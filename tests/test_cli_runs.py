@@ -299,3 +299,16 @@ def test_the_model_card_reports_the_final_validation_of_the_exported_step(
     export_model(f"{CKPT}/last.ckpt", "model")
     card = (tmp_path / "model" / "README.md").read_text()
     assert f"final validation loss: {val[-1][1]:.4f}" in card
+
+
+def test_a_ctrl_c_while_lightning_closes_the_logger_stops_at_once(workspace, tmp_path, monkeypatch, capsys):
+    """Lightning's handling of that Ctrl-C fails in turn (it finalizes the closed logger again): the user still
+    gets one line and 130, and the run's last.ckpt, saved before, is whole."""
+    monkeypatch.chdir(tmp_path)
+    args = [*tiny_run_args(workspace, "bert-tiny.yaml", 2),
+            "--trainer.logger.class_path", "late_ctrl_c.CtrlCWhileClosingLogger"]
+    code, out, err = run(args, capsys)
+    assert code == 130, err[-3000:]
+    assert "Traceback" not in err and "stopping at once (Ctrl-C)" in err, err[-3000:]
+    assert "holds step 2" in err and "before training started" not in err, err[-3000:]
+    assert global_step(tmp_path / CKPT / "last.ckpt") == 2
