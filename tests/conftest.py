@@ -1,6 +1,8 @@
 """Session fixtures: real English text and a tokenizer trained on it, built once per test run; and each test
 leaves this process's signal handlers as it found them."""
 
+import signal
+
 import pytest
 
 
@@ -38,16 +40,25 @@ def tokenizer_dir(text_corpus, tmp_path_factory) -> str:
     return train_tokenizer(text_corpus["train"], str(tmp_path_factory.mktemp("tokenizer")), vocab_size=1000)
 
 
-@pytest.fixture(autouse=True)
-def signal_handlers_put_back():
-    """A test that starts a hivemind averager in this process leaves SIGINT ignored (hivemind sets SIG_IGN
-    before it forks and never restores it); every trainer a later test starts then inherited "ignore" and
-    did not stop on its Ctrl-C (test_a_signal_saves_last_ckpt_and_prints_the_resume_command hung on CI)."""
-    import signal
+# Python's own, also when pytest started as a background job of a non-interactive shell (`cmd &` in a
+# script), which starts with SIGINT ignored: the Ctrl-C tests' trainers would inherit that and never stop
+DEFAULT_SIGNAL_HANDLERS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
 
-    numbers = (signal.SIGINT, signal.SIGTERM)
-    before = {number: signal.getsignal(number) for number in numbers}
-    yield
-    for number, handler in before.items():
+
+def put_back_signal_handlers() -> None:
+    for number, handler in DEFAULT_SIGNAL_HANDLERS.items():
         if handler is not None and signal.getsignal(number) is not handler:
             signal.signal(number, handler)
+
+
+@pytest.fixture(autouse=True)
+def signal_handlers_put_back():
+    """Each test starts and ends with Python's default handlers for SIGINT and SIGTERM.
+
+    Starting a hivemind averager in this process leaves SIGINT ignored (hivemind sets SIG_IGN before it
+    forks and never restores it); every trainer a later test starts then inherited "ignore" and did not
+    stop on its Ctrl-C (test_a_signal_saves_last_ckpt_and_prints_the_resume_command hung). Before each test
+    too: a module-scoped fixture runs before its tests' own, and pytest may have started with "ignore"."""
+    put_back_signal_handlers()
+    yield
+    put_back_signal_handlers()

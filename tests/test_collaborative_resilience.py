@@ -116,6 +116,9 @@ def test_survivors_keep_training_when_a_peer_leaves_cleanly_and_when_one_is_kill
             if peer is not None:
                 peer.kill()
     after_leave = [(p, s) for e, p, s in epochs(first) if left_at < e <= left_at + 4]
+    # from the third epoch after the leave on; an epoch the survivor skipped (it fell behind under load and
+    # downloaded the swarm's state) is not in its log
+    settled = [p for e, p, s in epochs(first) if left_at + 3 <= e <= left_at + 4]
     after_kill = seconds_of(first, killed_at + 1, alone_at)
     alone = seconds_of(first, alone_at + 1, alone_at + 2)
     print(f"epoch seconds of the survivor: with 3 peers {seconds_of(first, together_at, left_at)}, "
@@ -132,7 +135,7 @@ def test_survivors_keep_training_when_a_peer_leaves_cleanly_and_when_one_is_kill
     assert "[ERROR]" not in goodbye, goodbye[-4000:]
     # the clean leave: no round waits for the leaver, and it stops being counted within a round or two
     assert max(s for _, s in after_leave) < MATCHMAKING_TIME + SLACK_S, output
-    assert [p for p, _ in after_leave][2:] == [2, 2], output
+    assert settled and set(settled) == {2}, output
     # the kill costs one averaging round at most: the round that waited for the dead peer fails after
     # averaging_timeout, the survivor pings the others (liveness.py) and counts itself alone from the next
     # epoch on, instead of waiting a round per epoch until the dead peer's progress report expired (3 rounds
