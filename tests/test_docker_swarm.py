@@ -238,9 +238,12 @@ def test_the_compose_swarm_trains_stops_cleanly_and_a_restarted_peer_keeps_its_i
         peer_id = status["peer_id"]
         assert peer_id in swarm.logs("trainer1")
 
+        # the step a SIGTERM lets finish may hold an averaging round that fails ("could not find a group"), which
+        # hivemind logs with its traceback at ERROR (seen in 1 of 4 runs here): the exit is clean from the goodbye on
         exit_code, leaving = swarm.stop("trainer1")
-        assert exit_code == 0 and "Traceback" not in leaving, leaving[-6000:]
-        assert "SIGTERM: leaving the swarm after this step" in leaving and "saying goodbye to the swarm" in leaving
+        assert "SIGTERM: leaving the swarm after this step" in leaving, leaving[-6000:]
+        goodbye = leaving.find("saying goodbye to the swarm")
+        assert exit_code == 0 and goodbye >= 0 and "Traceback" not in leaving[goodbye:], leaving[-6000:]
         stopped = swarm.logs("trainer1")
         assert swarm.status_file("trainer1")["joined"] is False
         assert swarm.healthcheck("trainer1").returncode != 0  # a stopped container is not healthy
@@ -267,7 +270,8 @@ def test_the_compose_swarm_trains_stops_cleanly_and_a_restarted_peer_keeps_its_i
 
 def test_the_gpu_dockerfile_builds_on_a_local_base_with_the_cpu_wheel(build_context):
     build(build_context, "docker/Dockerfile", GPU_IMAGE)
-    result = podman("run", "--rm", *run_limits(), GPU_IMAGE, "trainer", "--help", timeout=300, check=False)
+    run = ["run", "--rm", *run_limits(), "--health-interval", "disable", GPU_IMAGE]
+    result = podman(*run, "trainer", "fit", "--help", timeout=300, check=False)
     assert result.returncode == 0 and "--trainer.strategy" in result.stdout, result.stdout[-2000:] + result.stderr
-    result = podman("run", "--rm", *run_limits(), GPU_IMAGE, "convmodel-healthcheck", check=False)
+    result = podman(*run, "convmodel-healthcheck", check=False)
     assert result.returncode == 1 and "does not exist: the peer has not joined" in result.stdout, result.stdout
