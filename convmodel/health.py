@@ -12,7 +12,10 @@ $CONVMODEL_STATUS_FILE (the Docker images set it); with neither, nothing is writ
     convmodel-healthcheck [--status_file PATH] [--max_age SECONDS]     (python -m convmodel.health)
 
 exits 0 when the file says joined and was written at most max_age seconds ago, 1 otherwise, with
-one line saying why: the images' HEALTHCHECK. A peer whose process hangs (a deadlocked averaging
+one line saying why: the images' HEALTHCHECK. max_age defaults to $CONVMODEL_HEALTH_MAX_AGE, else
+120 s. A trainer writes nothing while one step's averaging round runs, so max_age must outlast a
+round (matchmaking_time + averaging_timeout): the images set 900 s, enough for the internet
+config's 60 + 600 s. A peer whose process hangs (a deadlocked averaging
 round, a stuck DHT) stops rewriting the file and turns unhealthy, which a process check alone would
 not see.
 
@@ -30,6 +33,7 @@ import tempfile
 import time
 
 STATUS_FILE_ENV = "CONVMODEL_STATUS_FILE"
+MAX_AGE_ENV = "CONVMODEL_HEALTH_MAX_AGE"
 #: a trainer rewrites its file at most this often between collaborative epochs (a step costs one time check)
 WRITE_EVERY_S = 10.0
 DEFAULT_MAX_AGE_S = 120.0
@@ -126,9 +130,15 @@ def main(argv: list[str] | None = None) -> None:
         "Exit 0 when the swarm peer's status file says it is in its swarm and is fresh, 1 otherwise."))
     parser.add_argument("--status_file", default=os.environ.get(STATUS_FILE_ENV),
                         help=f"the file the peer writes (default: ${STATUS_FILE_ENV})")
-    parser.add_argument("--max_age", type=float, default=DEFAULT_MAX_AGE_S,
-                        help="seconds after which a status counts as stale (default: %(default)s)")
+    parser.add_argument("--max_age", type=float, default=None,
+                        help=f"seconds after which a status counts as stale (default: ${MAX_AGE_ENV}, else "
+                             f"{DEFAULT_MAX_AGE_S:g})")
     args = parser.parse_args(argv)
+    if args.max_age is None:
+        try:
+            args.max_age = float(os.environ.get(MAX_AGE_ENV) or DEFAULT_MAX_AGE_S)
+        except ValueError:
+            parser.error(f"${MAX_AGE_ENV} must be a number of seconds, got {os.environ[MAX_AGE_ENV]!r}")
     if not args.max_age > 0:
         parser.error(f"--max_age must be a number of seconds > 0, got {args.max_age:g}")
     healthy, why = check_status(args.status_file, args.max_age)
