@@ -211,9 +211,14 @@ class Swarm:
 
 def test_the_compose_swarm_trains_stops_cleanly_and_a_restarted_peer_keeps_its_id(cpu_image, swarm_data,
                                                                                    build_context):
-    quick = ["--trainer.num_sanity_val_steps", "0", "--trainer.enable_progress_bar", "false"]
+    # 256 samples an epoch (the config: 64, two local steps of one peer): on a loaded machine one peer alone
+    # filled each epoch before the other's progress report arrived, the two trained side by side as "1 peer"
+    # (and reached the config's 200 epochs) after the restart; with 256 they stay one swarm
+    swarm_size = ["--trainer.strategy.init_args.target_batch_size", "256",
+                  "--trainer.strategy.init_args.max_collaborative_epochs", "100000"]
+    quick = [*swarm_size, "--trainer.num_sanity_val_steps", "0", "--trainer.enable_progress_bar", "false"]
     swarm = Swarm(build_context / "docker" / "compose.yaml", cpu_image,
-                  {"aux": ["--refresh_period", "2"], "trainer1": quick, "trainer2": quick})
+                  {"aux": [*swarm_size, "--refresh_period", "2"], "trainer1": quick, "trainer2": quick})
     assert list(swarm.compose["services"]) == ["aux", "trainer1", "trainer2", "tensorboard"]
     try:
         for service in swarm.compose["services"]:
