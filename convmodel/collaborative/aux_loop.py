@@ -18,6 +18,7 @@ from convmodel.collaborative.signals import StopOnSignal
 from convmodel.collaborative.swarm_options import SwarmOptions
 from convmodel.collaborative.swarm_peer import SwarmPeer
 from convmodel.errors import UserError, user_message
+from convmodel.health import StatusFile, status_path
 
 EXPORT_FOLDER = "export"  # inside --store_checkpoints: the exported model that --push_to_hub uploads
 
@@ -45,6 +46,8 @@ class AuxiliaryPeer:
         self._assist_stop = threading.Event()
         self._assist_thread: threading.Thread | None = None
         self._signals = StopOnSignal((signal.SIGINT, signal.SIGTERM), self._on_signal)
+        #: rewritten at each refresh: the container's health check (convmodel/health.py)
+        self.status = StatusFile(status_path(swarm_options.status_file), "auxiliary peer", swarm_options.run_id)
 
     # ---- joining ------------------------------------------------------------------------------
 
@@ -73,6 +76,7 @@ class AuxiliaryPeer:
             self._load_stored()
         if self.state is not None:
             self._download("joined")
+        self._write_status(joined=True)
 
     def _load_stored(self) -> None:
         from convmodel.collaborative.checkpoint_store import checkpoint_epoch, read_checkpoint
@@ -144,6 +148,7 @@ class AuxiliaryPeer:
             if self._download("checkpoint"):
                 self._store()
         self._maybe_upload()
+        self._write_status(joined=True)
 
     def _read_monitor(self) -> None:
         """The monitor's robust numbers (never one record's): the swarm epoch the checkpoints follow."""
@@ -224,6 +229,11 @@ class AuxiliaryPeer:
                 print(f"[convmodel] assisting in averaging: {type(exc).__name__}: {exc}", file=sys.stderr,
                       flush=True)
 
+    def _write_status(self, joined: bool) -> None:
+        dht = self.peer.dht
+        self.status.write(joined=joined, epoch=self.swarm_epoch, peers=self.alive_peers,
+                          peer_id=str(dht.peer_id) if dht is not None else None)
+
     # ---- leaving -----------------------------------------------------------------------------
 
     def _on_signal(self, signum) -> bool:
@@ -243,6 +253,8 @@ class AuxiliaryPeer:
     def leave(self) -> bool:
         """The goodbye, bounded as a trainer's (SwarmPeer.leave); True when a second signal cut it short."""
         joined = self.peer.dht is not None
+        if joined:
+            self._write_status(joined=False)  # unhealthy from here: it is leaving
         interrupted = self.peer.leave(first=self._end_own_work)
         if not joined:  # nothing ran in a goodbye; after one, what it left running was stopped at once
             self._end_own_work()
@@ -268,6 +280,8 @@ class AuxiliaryPeer:
         """After a second signal: end hivemind's processes (SwarmPeer.stop_at_once), join nothing."""
         self._assist_stop.set()
         joined = self.peer.dht is not None
+        if joined:
+            self._write_status(joined=False)
         self.peer.stop_at_once()
         monitor, self.monitor = self.monitor, None
         if monitor is not None:

@@ -80,6 +80,8 @@ class HivemindStrategy(SingleDeviceStrategy):
             signed are admitted (README, Private swarms).
         access_token: File with this peer's token from the run's owner (python trainer/issue_token.py);
             needs identity_path and owner_public_key.
+        status_file: JSON file this peer rewrites while it is in the swarm (epoch, peers seen), for a container's
+            health check (convmodel/health.py); default $CONVMODEL_STATUS_FILE; none writes no file.
     """
 
     strategy_name = "hivemind"
@@ -123,6 +125,7 @@ class HivemindStrategy(SingleDeviceStrategy):
         allowed_peers: list[str] | None = None,
         owner_public_key: str | None = None,
         access_token: str | None = None,
+        status_file: str | None = None,
     ):
         super().__init__(device="cpu")
         # filled in by Lightning's accelerator connector from trainer.accelerator/devices

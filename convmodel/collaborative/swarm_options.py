@@ -64,6 +64,7 @@ class SwarmOptions:
     allowed_peers: list[str] | None = None
     owner_public_key: str | None = None
     access_token: str | None = None
+    status_file: str | None = None
 
     @property
     def request_timeout(self) -> float:

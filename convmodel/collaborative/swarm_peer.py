@@ -28,6 +28,7 @@ from convmodel.collaborative.signals import shielded_children
 from convmodel.collaborative.state_check import describe_state
 from convmodel.collaborative.swarm_options import OPTION, SwarmOptions
 from convmodel.errors import UserError
+from convmodel.health import StatusFile, status_path
 
 
 class SwarmPeer:
@@ -45,6 +46,7 @@ class SwarmPeer:
         self.companions: list = []
         self._signer = None
         self.resumed = False  # a checkpoint's optimizer state was loaded (its epoch is checked at catch_up)
+        self.status = None  # StatusFile, once caught up (convmodel/health.py: a container's health check)
 
     # ---- joining ------------------------------------------------------------------------------
 
@@ -175,6 +177,8 @@ class SwarmPeer:
                   "(no peer further ahead)", flush=True)
         self.guard.take_backup(opt)
         self.report.start(opt, self.dht, self._signer, self.options.metadata_expiration)
+        self.status = StatusFile(status_path(self.options.status_file), "trainer", run_id)
+        self._write_status(at_once=True)
 
     def after_checkpoint_load(self) -> None:
         """A checkpoint's optimizer state carries local_epoch: the schedule must follow it."""
@@ -199,9 +203,11 @@ class SwarmPeer:
             opt.step(batch_size=max(samples, 1))
             self.report.samples_contributed += samples
         if not self.report.new_epoch(opt):
+            self._write_status(at_once=False)
             return False
         self.guard.after_epoch(opt)
         self.report.publish(opt)
+        self._write_status(at_once=True)
         last = self.options.max_collaborative_epochs
         if last is None or opt.local_epoch < last:
             return False
@@ -216,6 +222,18 @@ class SwarmPeer:
         """
         if self.optimizer is not None:
             wait_for_delayed_updates(self.optimizer)
+
+    def _write_status(self, at_once: bool, joined: bool = True) -> None:
+        """The status file: at once when joining, leaving and at each collaborative epoch, else every few seconds."""
+        opt, status = self.optimizer, self.status
+        if status is None or opt is None:
+            return
+        values = {"joined": joined, "epoch": opt.local_epoch, "peers": max(opt.tracker.global_progress.num_peers, 1),
+                  "peer_id": str(self.dht.peer_id) if self.dht is not None else None}
+        if at_once:
+            status.write(**values)
+        else:
+            status.write_due(**values)
 
     def metrics(self) -> dict[str, float]:
         """The collab/* scalars for this local step."""
@@ -235,6 +253,8 @@ class SwarmPeer:
         """
         import threading
 
+        self._write_status(at_once=True, joined=False)  # unhealthy from here: it is leaving
+        self.status = None
         opt, dht, report = self.optimizer, self.dht, self.report
         self.optimizer = self.dht = self.report = None
         if opt is None and dht is None:
@@ -281,6 +301,8 @@ class SwarmPeer:
 
     def stop_at_once(self) -> None:
         """Leave without a goodbye (after a second Ctrl-C): end hivemind's processes, wait for nothing."""
+        self._write_status(at_once=True, joined=False)
+        self.status = None
         opt, dht = self.optimizer, self.dht
         self.optimizer = self.dht = None
         report, self.report = self.report, None
