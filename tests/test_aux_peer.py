@@ -7,6 +7,7 @@ A writer killed during a checkpoint write leaves the previous checkpoint whole; 
 error line. Every wait polls a log, a file or a pipe with a deadline; every child is killed in `finally`.
 """
 
+import json
 import os
 import re
 import select
@@ -492,6 +493,7 @@ def test_a_state_served_at_an_absurd_epoch_is_refused_and_never_stored(tmp_path,
     from convmodel.collaborative.held_state import SwarmState
     from convmodel.collaborative.metrics import metrics_validators, publish_metrics
     from convmodel.collaborative.monitor import SwarmMonitor, monitor_validators
+    from convmodel.health import StatusFile
 
     run = "absurd"
     dhts, averagers, monitor = [], [], None
@@ -515,6 +517,8 @@ def test_a_state_served_at_an_absurd_epoch_is_refused_and_never_stored(tmp_path,
         aux.store = CheckpointStore(str(tmp_path / "ckpts"))
         aux.stored_epoch = aux.swarm_epoch = aux.swarm_loss = aux._tried_at_epoch = None
         aux.alive_peers = 0
+        aux.peer = SimpleNamespace(dht=aux_dht)  # what the status file reads of the swarm peer: its DHT's id
+        aux.status = StatusFile(str(tmp_path / "status.json"), "auxiliary peer", run)
 
         assert publish_metrics(trainer_dht, run, signer, epoch=3, samples_per_second=5.0, samples_accumulated=64,
                                loss=4.0, mini_steps=2).result(timeout=30)
@@ -528,6 +532,9 @@ def test_a_state_served_at_an_absurd_epoch_is_refused_and_never_stored(tmp_path,
         assert aux_averager.local_epoch == 0 and aux_averager.scheduler.last_epoch < 10
         torch.testing.assert_close(module.layer.weight.detach(), held)
         assert sorted(os.listdir(tmp_path / "ckpts")) == []
+        # still in its swarm, at the majority's epoch, not the liar's: what the container's health check reads
+        status = json.loads((tmp_path / "status.json").read_text())
+        assert status["joined"] and status["epoch"] == 3 and status["peer_id"] == str(aux_dht.peer_id), status
 
         # the liar leaves; an honest trainer serves epoch 4 and says so in its record
         liar.shutdown()
