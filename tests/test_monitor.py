@@ -222,12 +222,15 @@ def test_monitor_sums_honest_peers_and_counts_forged_and_implausible_records(tmp
                                  "the liar's record judged implausible")
         assert snapshot == dataclasses.replace(honest, rejected_records=2, implausible_records=1)
         # two more liars make three of five: a majority, but 10**6 epochs in seconds is not plausible. Their
-        # records sit on a node of their own: hivemind drops a node's whole answer when one subkey in it fails
-        # validation, so beside the forger's record they would never be seen
+        # records sit on a node of their own (hivemind drops a node's whole answer when one subkey in it fails
+        # validation, so beside the forger's record they would never be seen), which also stores them on the
+        # monitor's node: whether a search reaches the liars' node depended on the routing (failed 2 runs of 4)
         dhts.append(liars := start_dht(addresses(monitor_dht)))
         for key in (RSAPrivateKey(), RSAPrivateKey()):
             value = signed_value(owner_subkey(key), ABSURD, expiration, key)  # as the owner's validator signs
             assert liars.run_coroutine(partial(plant, subkey=owner_subkey(key), value=value, expiration=expiration))
+            assert liars.run_coroutine(partial(push, peer_id=monitor_dht.peer_id, subkey=owner_subkey(key),
+                                               value=value, expiration=expiration)) == [True]
         snapshot = refresh_until(monitor, lambda s: s is not None and s.implausible_records >= 3, 60,
                                  "three liars' records judged implausible")
         assert snapshot == dataclasses.replace(honest, rejected_records=2, implausible_records=3)
