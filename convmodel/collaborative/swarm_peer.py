@@ -226,8 +226,8 @@ class SwarmPeer:
     def _write_status(self, at_once: bool, joined: bool = True) -> None:
         """The status file: at once when joining, leaving and at each collaborative epoch, else every few seconds."""
         opt, status = self.optimizer, self.status
-        if status is None or opt is None:
-            return
+        if status is None or status.path is None or opt is None:
+            return  # most runs write no status file: nothing is built on each local step then
         values = {"joined": joined, "epoch": opt.local_epoch, "peers": max(opt.tracker.global_progress.num_peers, 1),
                   "peer_id": str(self.dht.peer_id) if self.dht is not None else None}
         if at_once:
