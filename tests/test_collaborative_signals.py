@@ -42,6 +42,41 @@ def test_a_signal_with_nothing_to_stop_stops_at_once():
         signal.signal(signal.SIGUSR2, previous)
 
 
+# a program whose first Ctrl-C is taken and whose exit then waits (as for a thread left in a cut-short goodbye)
+SHUTDOWN_WAITS = """
+import atexit, signal, threading
+from convmodel.collaborative.signals import StopOnSignal
+stop = StopOnSignal((signal.SIGINT,), lambda signum: True)
+stop.install()
+def waiting_exit():
+    print("waiting at exit", flush=True)
+    threading.Event().wait(120)
+atexit.register(waiting_exit)
+signal.raise_signal(signal.SIGINT)  # the first Ctrl-C: asks to stop
+assert stop.received == signal.SIGINT
+"""
+
+
+def test_a_second_ctrl_c_while_python_shuts_down_exits_at_once_without_a_traceback():
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-c", SHUTDOWN_WAITS], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        while (line := process.stdout.readline()) and "waiting at exit" not in line:
+            lines.append(line)
+        assert line, (lines, process.stderr.read())
+        process.send_signal(signal.SIGINT)  # the second Ctrl-C, in an exit handler
+        status = process.wait(30)
+    finally:
+        process.kill()
+    stderr = process.stderr.read()
+    assert status == 130, stderr
+    assert stderr.strip() == "[convmodel] stopping at once (Ctrl-C)", stderr
+
+
 def test_delayed_optimizer_step_needs_delayed_state_averaging():
     # hivemind asserts this inside its background thread at the first collaborative step
     options = SwarmOptions(offload_optimizer=True, delay_optimizer_step=True, delay_state_averaging=False)

@@ -7,7 +7,7 @@ they fork and never put it back, so Ctrl-C would do nothing; and a KeyboardInter
 inside a hivemind call can leave a lock held that the goodbye then waits on forever. So the first
 signal only asks the peer's loop to stop after what it is doing (a clean leave the others notice
 within one matchmaking round); the second restores the previous handlers and raises
-KeyboardInterrupt.
+KeyboardInterrupt (or, once the program is shutting down, ends the process at once).
 
 A terminal's Ctrl-C is sent to the whole foreground process group, hivemind's processes included
 (and systemd's SIGTERM to every process of a unit): `shielded_children` starts them with both
@@ -72,6 +72,8 @@ class StopOnSignal:
             self.received = signum
             return
         self.restore()
+        if not threading.main_thread().is_alive():
+            exit_at_once(signum)
         raise KeyboardInterrupt
 
     def restore(self) -> None:
@@ -79,6 +81,27 @@ class StopOnSignal:
         if previous:
             self._restored = previous
         restore_handlers(previous)
+
+
+def exit_at_once(signum: int) -> None:
+    """End the process now with the shell's status for `signum` (130 for Ctrl-C), after one line.
+
+    For a second signal while Python shuts down (the main program has returned: the main thread
+    counts as stopped). A KeyboardInterrupt raised there lands in an exit handler, such as the
+    one joining the thread pools' threads (a thread left in a goodbye cut short can keep that
+    join waiting): Python prints it as "Exception ignored" with a traceback and goes on waiting.
+    hivemind's processes die with this one (`shielded_children`), so nothing is left behind.
+    """
+    import sys
+
+    name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os.write(2, f"[convmodel] stopping at once ({name})\n".encode())
+    os._exit(128 + signum)
 
 
 def restore_handlers(handlers: dict[int, object]) -> None:
