@@ -1,0 +1,215 @@
+"""DiLoCo's outer loop (convmodel/collaborative/diloco.py) with two real hivemind peers on 127.0.0.1, no Lightning.
+
+Each peer runs in a worker process of its own (peers in one process share hivemind's RSA key), started
+once for the module, with its own DHT. Both start from the same 32x32 linear layer and regress a fixed
+teacher on their own data seed: H AdamW steps, then `end_round`. A barrier between the two workers
+starts each round's all-reduce together; nothing waits on a sleep. Each case checks what a swarm
+relies on: the peers hold the same outer weights after every round and every round moves them, the
+average counts peers by their samples, a non-finite pseudo-gradient stays home while the round
+goes on, and peers one round apart never pair.
+"""
+
+import multiprocessing
+
+import pytest
+import torch
+
+pytest.importorskip("hivemind")
+
+from test_collaborative_swarm_peer import LOOPBACK  # noqa: E402
+
+WIDTH, BATCH, H = 32, 16, 5  # a round: 5 AdamW steps of 16 samples on each peer
+
+
+class Teacher:
+    """y = x W^T + b for a fixed random W, b."""
+
+    def __init__(self):
+        generator = torch.Generator().manual_seed(1234)
+        self.weight = torch.randn(WIDTH, WIDTH, generator=generator) / WIDTH**0.5
+        self.bias = torch.randn(WIDTH, generator=generator) * 0.5
+        self.held_out = self.batch(torch.Generator().manual_seed(99), 256)
+
+    def batch(self, generator: torch.Generator, size: int = BATCH) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn(size, WIDTH, generator=generator)
+        return x, x @ self.weight.T + self.bias
+
+    def loss(self, model: torch.nn.Module) -> float:
+        with torch.no_grad():
+            x, y = self.held_out
+            return float(torch.nn.functional.mse_loss(model(x), y))
+
+
+def run_case(case: str, index: int, dht, barrier) -> dict:
+    """This peer's side of `case` (peer `index` 0 or 1): per round the result, the outer weights' fingerprint,
+    the local pseudo-gradient this peer computed before the round and the one the outer step applied."""
+    from convmodel.collaborative.diloco import OuterOptimizer
+
+    teacher = Teacher()
+    torch.manual_seed(0)  # the same initial weights on both peers
+    model = torch.nn.Linear(WIDTH, WIDTH)
+    inner = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.0)
+    compression = "fp16" if case == "weighted" else "none"
+    outer = OuterOptimizer(dht, f"diloco_{case}", model.parameters(), compression=compression,
+                           averaging_timeout=30.0, matchmaking_time=LOOPBACK["matchmaking_time"], request_timeout=0.25)
+    generator = torch.Generator().manual_seed(index + 1)  # each peer on its own data
+    rounds, loss_before = [], teacher.loss(model)
+    try:
+        for number in range({"train": 6, "weighted": 3, "nan": 3, "apart": 1}[case]):
+            for _ in range(H):
+                x, y = teacher.batch(generator)
+                inner.zero_grad(set_to_none=True)
+                torch.nn.functional.mse_loss(model(x), y).backward()
+                inner.step()
+            if case == "nan" and number == 1 and index == 1:
+                with torch.no_grad():
+                    model.weight[0, 0] = float("nan")  # an inner step that blew up
+            if case == "apart" and index == 1:
+                outer.round += 1  # a peer one round ahead (it missed nothing else)
+                outer.averaging_timeout = 3.0
+            if case == "apart" and index == 0:
+                outer.averaging_timeout = 3.0
+            local = [(o - p.detach()).numpy().copy() for o, p in zip(outer.outer, model.parameters())]
+            samples = 3 * H * BATCH if case == "weighted" and index == 0 else H * BATCH
+            barrier.wait(60)  # both peers start the round's all-reduce together
+            result = outer.end_round(samples)
+            rounds.append({"result": result, "fingerprint": outer.fingerprint(), "local": local,
+                           "applied": [g.numpy().copy() for g in outer.pseudo_gradients],
+                           "outer": [o.numpy().copy() for o in outer.outer],
+                           "params_finite": all(bool(torch.isfinite(p).all()) for p in model.parameters())})
+        barrier.wait(60)  # neither leaves while the other may still be averaging
+        last_round = outer.state_dict()["round"]
+    finally:
+        outer.shutdown()
+    return {"rounds": rounds, "loss_before": loss_before, "loss_after": teacher.loss(model), "last_round": last_round,
+            "fallbacks": outer.fallbacks, "skipped": outer.skipped}
+
+
+def diloco_worker(index: int, tasks, results, barrier) -> None:
+    """One peer: a DHT on 127.0.0.1 (the first worker's addresses come back first), then each case it is sent."""
+    import os
+    import traceback
+
+    os.setsid()  # the test kills the worker, its averagers and p2pd daemon together if it must
+    multiprocessing.set_start_method("fork", force=True)  # hivemind's averagers, as in a trainer process
+    torch.set_num_threads(1)
+    from convmodel.collaborative.swarm_options import SwarmOptions
+    from convmodel.collaborative.swarm_peer import SwarmPeer
+
+    peer = SwarmPeer(SwarmOptions(run_id="diloco_test", initial_peers=tasks.get(), **LOOPBACK))
+    peer.start_dht()
+    results.put(peer.peer_addresses)
+    while (case := tasks.get()) is not None:
+        try:
+            results.put(run_case(case, index, peer.dht, barrier))
+        except BaseException:
+            barrier.abort()  # the other peer stops waiting for this one
+            results.put({"error": traceback.format_exc()})
+    peer.leave()
+
+
+class DilocoWorkers:
+    def __init__(self):
+        context = multiprocessing.get_context("spawn")  # not forked from pytest, whose hivemind key is taken
+        self.barrier = context.Barrier(2)
+        self.tasks, self.results = [context.Queue(), context.Queue()], [context.Queue(), context.Queue()]
+        self.processes = [context.Process(target=diloco_worker, args=(i, self.tasks[i], self.results[i], self.barrier))
+                          for i in range(2)]
+        for process in self.processes:
+            process.start()
+        self.tasks[0].put(None)
+        first = self.results[0].get(timeout=120)
+        self.tasks[1].put(first)
+        self.results[1].get(timeout=120)
+
+    def run(self, case: str) -> list[dict]:
+        self.barrier.reset()
+        for tasks in self.tasks:
+            tasks.put(case)
+        outcomes = [results.get(timeout=150) for results in self.results]
+        for outcome in outcomes:
+            assert "error" not in outcome, outcome["error"]
+            for r in outcome["rounds"]:  # numpy across the queue, not torch's shared-memory tensors
+                for key in ("local", "applied", "outer"):
+                    r[key] = [torch.from_numpy(array) for array in r[key]]
+        return outcomes
+
+    def close(self) -> None:
+        import os
+        import signal
+
+        for tasks in self.tasks:
+            tasks.put(None)
+        for process in self.processes:
+            process.join(30)
+            try:
+                os.killpg(process.pid, signal.SIGKILL)  # what is left of it: averagers, p2pd
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture(scope="module")
+def peers():
+    workers = DilocoWorkers()
+    yield workers
+    workers.close()
+
+
+@pytest.mark.timeout(240)
+def test_two_peers_hold_the_same_outer_weights_after_every_round_and_loss_falls(peers):
+    a, b = peers.run("train")
+    fingerprints = []
+    for number, (ra, rb) in enumerate(zip(a["rounds"], b["rounds"], strict=True)):
+        for r in (ra["result"], rb["result"]):
+            assert (r.round, r.peers, r.fell_back, r.sent, r.stepped, r.agreed) == (number, 2, False, True, True, True), r
+            assert r.samples == 2 * H * BATCH and r.approx_bytes_sent == (WIDTH * WIDTH + WIDTH) * 4 // 2
+        assert ra["fingerprint"] == rb["fingerprint"], number  # no compression: the same bytes
+        fingerprints.append(ra["fingerprint"])
+    assert len(set(fingerprints)) == len(fingerprints)  # every round moved the outer weights
+    assert a["last_round"] == b["last_round"] == 6
+    assert a["fallbacks"] == b["fallbacks"] == 0
+    print(f"held-out loss {a['loss_before']:.4f} -> {a['loss_after']:.4f} / {b['loss_after']:.4f}")
+    assert max(a["loss_after"], b["loss_after"]) < 0.5 * a["loss_before"]
+
+
+@pytest.mark.timeout(240)
+def test_pseudo_gradients_count_by_their_samples(peers):
+    a, b = peers.run("weighted")  # peer a reports 3x the samples of b; pseudo-gradients sent in fp16
+    for ra, rb in zip(a["rounds"], b["rounds"], strict=True):
+        assert ra["result"].samples == rb["result"].samples == 4 * H * BATCH and not ra["result"].fell_back
+        expected = [(3 * la + lb) / 4 for la, lb in zip(ra["local"], rb["local"])]
+        unweighted = [(la + lb) / 2 for la, lb in zip(ra["local"], rb["local"])]
+        for applied in (ra["applied"], rb["applied"]):
+            for got, want in zip(applied, expected):  # within fp16's error of the pseudo-gradients' size
+                torch.testing.assert_close(got, want, rtol=0, atol=2e-3 * float(want.abs().max()))
+            assert any(float((g - u).abs().max()) > 0.05 * float(u.abs().max()) for g, u in zip(applied, unweighted))
+        # each peer received the same fp16 bytes of the average: the outer weights are still identical
+        assert ra["fingerprint"] == rb["fingerprint"]
+
+
+@pytest.mark.timeout(240)
+def test_a_non_finite_pseudo_gradient_stays_home_and_the_round_goes_on(peers):
+    a, b = peers.run("nan")  # b's weights go NaN before round 1
+    ra, rb = a["rounds"][1], b["rounds"][1]
+    assert not rb["result"].sent and rb["result"].stepped and b["skipped"] == 1  # b sent zeros with weight 0
+    assert ra["result"].sent and ra["result"].peers == 2 and not ra["result"].fell_back
+    assert ra["result"].samples == H * BATCH  # only a's samples counted
+    for got, own in zip(ra["applied"], ra["local"]):  # a's average is a's own pseudo-gradient
+        torch.testing.assert_close(got, own)
+    for r in (ra, rb):
+        assert r["params_finite"] and all(bool(torch.isfinite(o).all()) for o in r["outer"])
+    assert ra["fingerprint"] == rb["fingerprint"]  # b took the average and is back on the shared weights
+    last_a, last_b = a["rounds"][2], b["rounds"][2]
+    assert last_a["result"].sent and last_b["result"].sent and last_a["result"].peers == 2
+    assert last_a["fingerprint"] == last_b["fingerprint"]
+
+
+@pytest.mark.timeout(240)
+def test_peers_one_round_apart_never_pair_and_fall_back_without_raising(peers):
+    a, b = peers.run("apart")  # b is at round 1 while a is at round 0, both average at once
+    for outcome, number in ((a, 0), (b, 1)):
+        r = outcome["rounds"][0]["result"]
+        assert (r.round, r.peers, r.fell_back, r.stepped) == (number, 1, True, True), r
+        assert outcome["fallbacks"] == 1
+        for applied, local in zip(outcome["rounds"][0]["applied"], outcome["rounds"][0]["local"]):
+            torch.testing.assert_close(applied, local)
