@@ -49,13 +49,13 @@ def run_case(case: str, index: int, dht, barrier) -> dict:
     torch.manual_seed(0)  # the same initial weights on both peers
     model = torch.nn.Linear(WIDTH, WIDTH)
     inner = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.0)
-    compression = "fp16" if case == "weighted" else "none"
+    compression = {"weighted": "fp16", "uint8": "uint8"}.get(case, "none")
     outer = OuterOptimizer(dht, f"diloco_{case}", model.parameters(), compression=compression,
                            averaging_timeout=30.0, matchmaking_time=LOOPBACK["matchmaking_time"], request_timeout=0.25)
     generator = torch.Generator().manual_seed(index + 1)  # each peer on its own data
     rounds, loss_before = [], teacher.loss(model)
     try:
-        for number in range({"train": 6, "weighted": 3, "nan": 3, "apart": 1}[case]):
+        for number in range({"train": 6, "weighted": 3, "uint8": 3, "nan": 3, "apart": 1}[case]):
             for _ in range(H):
                 x, y = teacher.batch(generator)
                 inner.zero_grad(set_to_none=True)
@@ -188,6 +188,18 @@ def test_pseudo_gradients_count_by_their_samples(peers):
 
 
 @pytest.mark.timeout(240)
+def test_uint8_pseudo_gradients_leave_the_outer_weights_identical(peers):
+    a, b = peers.run("uint8")  # 8-bit parts on the wire: every peer decodes the same bytes of the average
+    for ra, rb in zip(a["rounds"], b["rounds"], strict=True):
+        assert ra["result"].peers == rb["result"].peers == 2 and not ra["result"].fell_back
+        assert ra["fingerprint"] == rb["fingerprint"]
+        for got, la, lb in zip(ra["applied"], ra["local"], rb["local"]):  # the mean, within 8 bits' error
+            want = (la + lb) / 2
+            assert float((got - want).abs().mean()) < 0.05 * float(want.std())
+    assert len({r["fingerprint"] for r in a["rounds"]}) == len(a["rounds"])
+
+
+@pytest.mark.timeout(240)
 def test_a_non_finite_pseudo_gradient_stays_home_and_the_round_goes_on(peers):
     a, b = peers.run("nan")  # b's weights go NaN before round 1
     ra, rb = a["rounds"][1], b["rounds"][1]
@@ -213,3 +225,38 @@ def test_peers_one_round_apart_never_pair_and_fall_back_without_raising(peers):
         assert outcome["fallbacks"] == 1
         for applied, local in zip(outcome["rounds"][0]["applied"], outcome["rounds"][0]["local"]):
             torch.testing.assert_close(applied, local)
+
+
+@pytest.mark.timeout(60)
+def test_state_dict_resumes_exactly():
+    """A peer's outer state loaded into a fresh model and optimizer: the same weights, and the same next round."""
+    import hivemind
+
+    from convmodel.collaborative.diloco import OuterOptimizer
+
+    dht = hivemind.DHT(start=True, host_maddrs=LOOPBACK["host_maddrs"], use_ipfs=False, use_relay=False,
+                       use_auto_relay=False, client_mode=False)
+    try:
+        teacher, generator = Teacher(), torch.Generator().manual_seed(5)
+        models = [torch.nn.Linear(WIDTH, WIDTH) for _ in range(2)]  # different initial weights
+        outers = [OuterOptimizer(dht, "diloco_state", m.parameters(), start=False) for m in models]
+        for _ in range(2):  # two local rounds on the first, so that the momentum buffers are not zero
+            with torch.no_grad():
+                models[0].weight.add_(0.01 * torch.randn(WIDTH, WIDTH, generator=generator))
+            outers[0].end_round(80, average=False)
+        outers[1].load_state_dict(outers[0].state_dict())
+        assert outers[1].round == 2 and outers[1].fingerprint() == outers[0].fingerprint()
+        assert all(torch.equal(p, q) for p, q in zip(models[0].parameters(), models[1].parameters()))
+        step = torch.randn(WIDTH, WIDTH, generator=generator)
+        for model, outer in zip(models, outers):  # the same inner change: the same outer step, momentum included
+            with torch.no_grad():
+                model.weight.add_(0.01 * step)
+            result = outer.end_round(80, average=False)
+            assert (result.round, result.peers, result.fell_back, result.stepped) == (2, 1, False, True)
+        assert outers[1].fingerprint() == outers[0].fingerprint()
+        assert teacher.loss(models[0]) == teacher.loss(models[1])
+        with pytest.raises(ValueError, match="shapes differ"):
+            OuterOptimizer(dht, "diloco_state", torch.nn.Linear(4, 4).parameters(), start=False).load_state_dict(
+                outers[0].state_dict())
+    finally:
+        dht.shutdown()

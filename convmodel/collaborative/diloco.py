@@ -18,6 +18,7 @@ What this does that OpenDiLoCo (open_diloco/hivemind_diloco.py) does not:
   identical; each round's gather carries their fingerprint and a round says whether the group agreed.
 """
 
+import copy
 import hashlib
 import sys
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ import torch
 from convmodel.collaborative.nan_guard import all_finite
 
 #: bytes per element the all-reduce sends, by compression name (uint8 adds a 256-entry codebook per part)
-_BYTES_PER_ELEMENT = {"none": 4, "fp16": 2, "uint8": 1}
+_BYTES_PER_ELEMENT = {"none": 4, "fp16": 2, "uint8": 1, "size-adaptive": 1}
 
 
 @dataclass
@@ -178,8 +179,10 @@ class OuterOptimizer:
     # ---- state for joiners and checkpoints -------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
+        """Copies, not views: torch's optimizer state_dict holds the live momentum buffers, and another optimizer
+        that loads it in this process would share them (its steps and ours would move one buffer twice)."""
         return {"round": self.round, "outer": [outer.clone() for outer in self.outer],
-                "optimizer": self.optimizer.state_dict()}
+                "optimizer": copy.deepcopy(self.optimizer.state_dict())}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -190,7 +193,7 @@ class OuterOptimizer:
                              f"{[tuple(w.shape) for w in weights]} vs {[tuple(o.shape) for o in self.outer]}")
         for outer, weight in zip(self.outer, weights, strict=True):
             outer.copy_(weight)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))  # not the caller's buffers
         self.round = int(state["round"])
         self._load_outer_into_params()
 
