@@ -21,6 +21,7 @@ What this does that OpenDiLoCo (open_diloco/hivemind_diloco.py) does not:
 import copy
 import hashlib
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,18 +52,30 @@ class OuterOptimizer:
 
     `params`: the model's parameters (any device or dtype); they are overwritten with the outer weights
     at the end of every round. The outer weights start as a copy of them: every peer must start from the
-    same weights (or load another peer's `state_dict`).
+    same weights (or load another peer's state: `load_state_from_peers`, `load_state_dict`).
+    `target_group_size`: a group assembles as soon as it has this many peers (None: everyone who comes
+    within `matchmaking_time`). A follower gives up on a leader `request_timeout` after the group's
+    expiration: keep it well above the machines' scheduling delays, or a leader may count a follower
+    that has left (both then fall back for that round, and the leader waits up to `averaging_timeout`).
     """
 
     def __init__(self, dht, run_id: str, params, outer_lr: float = 0.7, outer_momentum: float = 0.9,
                  compression: str = "fp16", averaging_timeout: float = 60.0, matchmaking_time: float = 5.0,
-                 request_timeout: float = 3.0, client_mode: bool | None = None, start: bool = True):
+                 request_timeout: float = 3.0, next_chunk_timeout: float | None = None,
+                 target_group_size: int | None = None,
+                 client_mode: bool | None = None, start: bool = True):
         from convmodel.collaborative.compression import build_compression
         from convmodel.collaborative.exact_allreduce import exact_averager_class
 
         self.params = [p for p in params]
-        if not self.params:
-            raise ValueError("OuterOptimizer: no parameters to train")
+        problems = [] if self.params else ["no parameters to train"]
+        if not outer_lr > 0 or not 0 <= outer_momentum < 1:
+            problems.append(f"outer_lr must be > 0 and outer_momentum in [0, 1), got {outer_lr!r}, {outer_momentum!r}")
+        if not averaging_timeout > matchmaking_time > request_timeout > 0:  # else every round fails, or stalls
+            problems.append("need averaging_timeout > matchmaking_time > request_timeout > 0, got "
+                            f"{averaging_timeout!r}, {matchmaking_time!r}, {request_timeout!r}")
+        if problems:
+            raise ValueError("OuterOptimizer: " + "; ".join(problems))
         with torch.no_grad():
             self.outer = [p.detach().to("cpu", torch.float32, copy=True) for p in self.params]
         for outer in self.outer:
@@ -76,9 +89,17 @@ class OuterOptimizer:
         self.averager = exact_averager_class()(
             [torch.zeros_like(outer) for outer in self.outer], dht, prefix=f"{run_id}_diloco",
             compression=build_compression(compression, "pseudo_gradient_compression"),
-            min_matchmaking_time=matchmaking_time, request_timeout=request_timeout,
-            client_mode=client_mode, allow_state_sharing=False, start=start)
+            min_matchmaking_time=matchmaking_time, request_timeout=request_timeout, target_group_size=target_group_size,
+            # without a bound, a peer whose groupmate left matchmaking waits for its parts forever (seen here)
+            allreduce_timeout=averaging_timeout, next_chunk_timeout=next_chunk_timeout, client_mode=client_mode,
+            allow_state_sharing=False, start=False)
         self._elements = sum(outer.numel() for outer in self.outer)
+        self._lock = threading.Lock()  # the outer state, between a round and hivemind's state-serving thread
+        self.averager.state_source = self._state_to_serve
+        if start:
+            self.averager.run_in_background(await_ready=True)
+            if not self.averager.client_mode:  # joiners download the outer state from the most advanced peer
+                self.averager.allow_state_sharing = True
 
     # ---- the round -----------------------------------------------------------------------------
 
@@ -117,17 +138,20 @@ class OuterOptimizer:
         if not averaged and sent:
             self._local_pseudo_gradients([outer.grad for outer in self.outer])
         stepped = averaged or sent
-        if stepped:
-            self.optimizer.step()
+        with self._lock:
+            if stepped:
+                self.optimizer.step()
+            self.round += 1
         self._load_outer_into_params()  # also puts a peer whose weights went non-finite back on track
+        if self.averager.allow_state_sharing:
+            self.averager.state_sharing_priority = self.round
         group = gathered if averaged else {}
         result = RoundResult(
-            round=self.round, peers=max(len(group), 1),
+            round=self.round - 1, peers=max(len(group), 1),
             samples=sum(float(data.get("samples", 0)) for data in group.values()) if group else weight,
             fell_back=fell_back, sent=sent, stepped=stepped,
             agreed=all(data.get("outer") == fingerprint for data in group.values()),
             approx_bytes_sent=self._approx_bytes(len(group)))
-        self.round += 1
         return result
 
     def _local_pseudo_gradients(self, out) -> None:
@@ -191,11 +215,46 @@ class OuterOptimizer:
         if len(weights) != len(self.outer) or any(w.shape != o.shape for w, o in zip(weights, self.outer)):
             raise ValueError("OuterOptimizer.load_state_dict: the outer weights' shapes differ from the model's: "
                              f"{[tuple(w.shape) for w in weights]} vs {[tuple(o.shape) for o in self.outer]}")
-        for outer, weight in zip(self.outer, weights, strict=True):
-            outer.copy_(weight)
-        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))  # not the caller's buffers
-        self.round = int(state["round"])
+        with self._lock:
+            for outer, weight in zip(self.outer, weights, strict=True):
+                outer.copy_(weight)
+            self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))  # not the caller's buffers
+            self.round = int(state["round"])
         self._load_outer_into_params()
+        if self.averager.allow_state_sharing:
+            self.averager.state_sharing_priority = self.round
+
+    def _state_to_serve(self) -> tuple[dict, list[torch.Tensor]]:
+        """What a joiner downloads: the round, the outer weights, then the momentum buffers (zeros where none yet)."""
+        with self._lock:
+            buffers = [self.optimizer.state.get(outer, {}).get("momentum_buffer") for outer in self.outer]
+            tensors = [outer.clone() for outer in self.outer]
+            tensors += [torch.zeros_like(o) if b is None else b.clone() for o, b in zip(self.outer, buffers)]
+            return {"round": self.round, "momentum": [b is not None for b in buffers]}, tensors
+
+    def load_state_from_peers(self, timeout: float | None = None) -> bool:
+        """Take the outer state of the most advanced peer (a joiner; this peer keeps its outer_lr and momentum).
+
+        Returns False, keeping this peer's state, when no peer answered or what it sent does not fit this model.
+        """
+        loaded = self.averager.load_state_from_peers(timeout=timeout)
+        if loaded is None:
+            return False
+        metadata, tensors = loaded
+        count = len(self.outer)
+        fits = (isinstance(metadata, dict) and isinstance(metadata.get("round"), int) and metadata["round"] >= 0
+                and isinstance(metadata.get("momentum"), list) and len(metadata["momentum"]) == count
+                and len(tensors) == 2 * count
+                and all(t.shape == o.shape for t, o in zip(tensors, self.outer + self.outer))
+                and all_finite(list(tensors)))
+        if not fits:
+            print("[convmodel] refused the DiLoCo state a peer sent: it does not fit this model's parameters",
+                  file=sys.stderr, flush=True)
+            return False
+        state = {i: {"momentum_buffer": tensors[count + i]} for i, has in enumerate(metadata["momentum"]) if has}
+        self.load_state_dict({"round": metadata["round"], "outer": tensors[:count],
+                              "optimizer": {"state": state, "param_groups": self.optimizer.state_dict()["param_groups"]}})
+        return True
 
     def shutdown(self) -> None:
         if self.averager.is_alive():

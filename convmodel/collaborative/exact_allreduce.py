@@ -48,12 +48,12 @@ def _build_runner_class():
                 return await super()._communicate_with_peer(peer_id)  # registers what that reducer sent
             container = self.tensor_part_container
             peer_index, sender_index = self.ordered_peer_ids.index(peer_id), self.sender_peer_ids.index(peer_id)
-            own_parts = container._input_parts_by_peer[peer_index]  # (part, CompressionInfo) pairs
+            infos = [info for _, info in container._input_parts_by_peer[peer_index]]  # cleared if the round ends early
             for part_index, tensor_part in enumerate(self.parts_for_local_averaging):
                 averaged = await self.tensor_part_reducer.accumulate_part(
                     sender_index, part_index, tensor_part, weight=self.weight)
                 # the codec the other peers' parts travel in, chosen as for them: the same bytes they receive
-                codec = container.compression.compress(tensor_part, own_parts[part_index][1]).compression
+                codec = container.compression.compress(tensor_part, infos[part_index]).compression
                 container.register_processed_part(
                     peer_index, part_index, deserialize_torch_tensor(serialize_torch_tensor(averaged, codec)))
 
@@ -97,8 +97,16 @@ def _build_averager_class():
         def __init__(self, *args, start: bool, **kwargs):
             super().__init__(*args, start=False, **kwargs)
             self.partial_rounds = mp.Value(ctypes.c_int64, 0)  # before the process forks: shared with it
+            #: () -> (metadata, tensors): the state a joiner downloads (in this process, from hivemind's thread)
+            self.state_source = None
             if start:
                 self.run_in_background(await_ready=True)
+
+        def get_current_state(self):
+            if self.state_source is None:
+                return super().get_current_state()
+            metadata, tensors = self.state_source()
+            return metadata, tensors, None
 
         async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
             # hivemind's (averager.py, 1.1.12) with the exact runner, overwriting instead of adding
