@@ -10,6 +10,7 @@ goes on, and peers one round apart never pair.
 """
 
 import multiprocessing
+import time
 
 import pytest
 import torch
@@ -76,8 +77,9 @@ def run_case(case: str, index: int, dht, barrier) -> dict:
             local = [(o - p.detach()).numpy().copy() for o, p in zip(outer.outer, model.parameters())]
             samples = 3 * H * BATCH if case == "weighted" and index == 0 else H * BATCH
             barrier.wait(60)  # both peers start the round's all-reduce together
+            started = time.monotonic()
             result = outer.end_round(samples)
-            rounds.append({"result": result, "fingerprint": outer.fingerprint(), "local": local,
+            rounds.append({"result": result, "seconds": time.monotonic() - started, "fingerprint": outer.fingerprint(), "local": local,
                            "applied": [g.numpy().copy() for g in outer.pseudo_gradients],
                            "outer": [o.numpy().copy() for o in outer.outer],
                            "params_finite": all(bool(torch.isfinite(p).all()) for p in model.parameters())})
@@ -270,6 +272,8 @@ def test_peers_one_round_apart_never_pair_and_fall_back_without_raising(peers):
         r = outcome["rounds"][0]["result"]
         assert (r.round, r.peers, r.fell_back, r.stepped) == (number, 1, True, True), r
         assert outcome["fallbacks"] == 1
+        print(f"a round with no group took {outcome['rounds'][0]['seconds']:.1f} s (averaging_timeout "
+              f"{MATCHMAKING + 1.0:g} s)")
         for applied, local in zip(outcome["rounds"][0]["applied"], outcome["rounds"][0]["local"]):
             torch.testing.assert_close(applied, local)
 
