@@ -18,6 +18,7 @@ import torch
 pytest.importorskip("hivemind")
 
 from test_collaborative_swarm_peer import LOOPBACK  # noqa: E402
+from test_swarm_options_alone import Teacher  # noqa: E402  (the regression task, at this file's size)
 
 WIDTH, BATCH, H = 32, 16, 5  # a round: 5 AdamW steps of 16 samples on each peer
 # matchmaking: with a 0.5-2 s window (request timeout half of it) on a loaded 2-core machine a leader now and then
@@ -27,31 +28,12 @@ WIDTH, BATCH, H = 32, 16, 5  # a round: 5 AdamW steps of 16 samples on each peer
 MATCHMAKING, REQUEST, GROUP = 4.0, 3.0, 2  # the request timeout is hivemind's default
 
 
-class Teacher:
-    """y = x W^T + b for a fixed random W, b."""
-
-    def __init__(self):
-        generator = torch.Generator().manual_seed(1234)
-        self.weight = torch.randn(WIDTH, WIDTH, generator=generator) / WIDTH**0.5
-        self.bias = torch.randn(WIDTH, generator=generator) * 0.5
-        self.held_out = self.batch(torch.Generator().manual_seed(99), 256)
-
-    def batch(self, generator: torch.Generator, size: int = BATCH) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.randn(size, WIDTH, generator=generator)
-        return x, x @ self.weight.T + self.bias
-
-    def loss(self, model: torch.nn.Module) -> float:
-        with torch.no_grad():
-            x, y = self.held_out
-            return float(torch.nn.functional.mse_loss(model(x), y))
-
-
 def run_case(case: str, index: int, dht, barrier) -> dict:
     """This peer's side of `case` (peer `index` 0 or 1): per round the result, the outer weights' fingerprint,
     the local pseudo-gradient this peer computed before the round and the one the outer step applied."""
     from convmodel.collaborative.diloco import OuterOptimizer
 
-    teacher = Teacher()
+    teacher = Teacher(WIDTH, BATCH)
     torch.manual_seed(0)  # the same initial weights on both peers
     model = torch.nn.Linear(WIDTH, WIDTH)
     inner = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.0)
@@ -95,7 +77,7 @@ def join_case(case: str, index: int, dht, barrier) -> dict:
     """Peer 0 trains 2 rounds alone; peer 1, from other initial weights, downloads its outer state; one round together."""
     from convmodel.collaborative.diloco import OuterOptimizer
 
-    teacher = Teacher()
+    teacher = Teacher(WIDTH, BATCH)
     torch.manual_seed(index)  # different initial weights: the joiner must download the outer ones
     model = torch.nn.Linear(WIDTH, WIDTH)
     inner = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.0)
@@ -288,7 +270,7 @@ def test_state_dict_resumes_exactly():
     dht = hivemind.DHT(start=True, host_maddrs=LOOPBACK["host_maddrs"], use_ipfs=False, use_relay=False,
                        use_auto_relay=False, client_mode=False)
     try:
-        teacher, generator = Teacher(), torch.Generator().manual_seed(5)
+        teacher, generator = Teacher(WIDTH, BATCH), torch.Generator().manual_seed(5)
         models = [torch.nn.Linear(WIDTH, WIDTH) for _ in range(2)]  # different initial weights
         outers = [OuterOptimizer(dht, "diloco_state", m.parameters(), start=False) for m in models]
         for _ in range(2):  # two local rounds on the first, so that the momentum buffers are not zero

@@ -73,16 +73,17 @@ def make_optimizer(case: str, params) -> torch.optim.Optimizer:
 
 
 class Teacher:
-    """y = x W^T + b for a fixed random W, b: a task a linear layer learns in a few steps."""
+    """y = x W^T + b for a fixed random W, b: a task a linear layer learns in a few steps (also tests/test_diloco.py's)."""
 
-    def __init__(self):
+    def __init__(self, width: int = WIDTH, batch_size: int = BATCH):
         generator = torch.Generator().manual_seed(1234)
-        self.weight = torch.randn(WIDTH, WIDTH, generator=generator) / WIDTH**0.5
-        self.bias = torch.randn(WIDTH, generator=generator) * 0.5
+        self.width, self.batch_size = width, batch_size
+        self.weight = torch.randn(width, width, generator=generator) / width**0.5
+        self.bias = torch.randn(width, generator=generator) * 0.5
         self.held_out = self.batch(torch.Generator().manual_seed(99), 256)
 
-    def batch(self, generator: torch.Generator, size: int = BATCH) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.randn(size, WIDTH, generator=generator)
+    def batch(self, generator: torch.Generator, size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn(size or self.batch_size, self.width, generator=generator)
         return x, x @ self.weight.T + self.bias
 
     def loss(self, model: torch.nn.Module) -> float:
