@@ -287,3 +287,38 @@ def test_nan_guard_backup_and_restore_wait_for_the_delayed_optimizer_step(capsys
     finally:
         held.release.set()
         peer.leave()
+
+
+@pytest.mark.timeout(120)
+def test_a_goodbye_record_is_stored_before_the_tracker_shutdown_returns():
+    """The leaver's DHT stops right after its tracker's shutdown: the other peer must still read it as gone.
+
+    hivemind sent the goodbye (value None) without waiting and the leave shut the DHT down next; in CI a
+    3-peer survivor counted the leaver for 4 more epochs, until its last report expired.
+    """
+    stayer, _ = make_peer("goodbye_test", adamw())
+    leaver = None
+    try:
+        leaver, _ = make_peer("goodbye_test", adamw(), seed=1, initial_peers=stayer.peer_addresses)
+        key = leaver.optimizer.tracker.training_progress_key
+        subkey = leaver.optimizer.tracker._local_public_key
+
+        def leavers_record():
+            found = stayer.dht.get(key, latest=True)
+            entry = found.value.get(subkey) if found is not None and isinstance(found.value, dict) else None
+            return entry.value if entry is not None else "absent"
+
+        tracker = leaver.optimizer.tracker
+        tracker.report_local_progress(tracker.local_progress.epoch, samples_accumulated=8)  # as after a batch
+        for _ in range(100):  # the leaver's report reaches the stayer's DHT
+            if isinstance(leavers_record(), dict):
+                break
+        else:
+            pytest.fail("the leaver's progress report never reached the other peer")
+        tracker.shutdown()
+        leaver.dht.shutdown()
+        assert leavers_record() is None
+    finally:
+        for peer in (leaver, stayer):
+            if peer is not None:
+                peer.leave()
