@@ -84,6 +84,9 @@ class OuterOptimizer:
         self.compression = compression
         self.averaging_timeout = averaging_timeout
         self.round = 0  # the outer epoch: rounds ended so far
+        #: inner steps this peer took in the current round (its caller counts them): saved with the state and
+        #: served to joiners, who end their first round with the others instead of H steps after them
+        self.inner_step = 0
         self.fallbacks = 0  # rounds whose all-reduce failed or was partial
         self.skipped = 0  # rounds whose local pseudo-gradient was non-finite (not sent)
         self.averager = exact_averager_class()(
@@ -142,6 +145,7 @@ class OuterOptimizer:
             if stepped:
                 self.optimizer.step()
             self.round += 1
+            self.inner_step = 0
         self._load_outer_into_params()  # also puts a peer whose weights went non-finite back on track
         if self.averager.allow_state_sharing:
             self.averager.state_sharing_priority = self.round
@@ -153,6 +157,14 @@ class OuterOptimizer:
             agreed=all(data.get("outer") == fingerprint for data in group.values()),
             approx_bytes_sent=self._approx_bytes(len(group)))
         return result
+
+    def others_declared(self) -> bool:
+        """Whether another peer of this run offers its outer state in the DHT (hivemind's averagers re-declare
+        every 30 s; a client-mode peer never does, so one whose only partners are client-mode sees none)."""
+        found = self.averager.dht.get(f"{self.averager.prefix}.all_averagers", latest=True)
+        own = self.averager.peer_id.to_bytes()
+        entries = found.value if found is not None and isinstance(found.value, dict) else {}
+        return any(key != own and getattr(entry, "value", None) is not None for key, entry in entries.items())
 
     def _local_pseudo_gradients(self, out) -> None:
         """out[i] = outer[i] - params[i], in fp32 on the CPU."""
@@ -205,12 +217,13 @@ class OuterOptimizer:
     def state_dict(self) -> dict[str, Any]:
         """Copies, not views: torch's optimizer state_dict holds the live momentum buffers, and another optimizer
         that loads it in this process would share them (its steps and ours would move one buffer twice)."""
-        return {"round": self.round, "outer": [outer.clone() for outer in self.outer],
+        return {"round": self.round, "inner_step": self.inner_step, "outer": [outer.clone() for outer in self.outer],
                 "optimizer": copy.deepcopy(self.optimizer.state_dict())}
 
     @torch.no_grad()
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Outer weights, outer optimizer state and round counter; the model's parameters become the outer weights."""
+    def load_state_dict(self, state: dict[str, Any], into_params: bool = True) -> None:
+        """Outer weights, outer optimizer state, round and in-round step; the model's parameters become the outer
+        weights unless `into_params=False` (a checkpoint taken mid-round holds the model's own inner weights)."""
         weights = state["outer"]
         if len(weights) != len(self.outer) or any(w.shape != o.shape for w, o in zip(weights, self.outer)):
             raise ValueError("OuterOptimizer.load_state_dict: the outer weights' shapes differ from the model's: "
@@ -220,9 +233,18 @@ class OuterOptimizer:
                 outer.copy_(weight)
             self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))  # not the caller's buffers
             self.round = int(state["round"])
-        self._load_outer_into_params()
+            self.inner_step = int(state.get("inner_step", 0))
+        if into_params:
+            self._load_outer_into_params()
         if self.averager.allow_state_sharing:
             self.averager.state_sharing_priority = self.round
+
+    @torch.no_grad()
+    def reset_outer_to_params(self) -> None:
+        """The outer weights become the model's current parameters (a synchronous run's checkpoint resumed)."""
+        with self._lock:
+            for outer, param in zip(self.outer, self.params, strict=True):
+                outer.copy_(param.detach())
 
     def _state_to_serve(self) -> tuple[dict, list[torch.Tensor]]:
         """What a joiner downloads: the round, the outer weights, then the momentum buffers (zeros where none yet)."""
@@ -230,12 +252,14 @@ class OuterOptimizer:
             buffers = [self.optimizer.state.get(outer, {}).get("momentum_buffer") for outer in self.outer]
             tensors = [outer.clone() for outer in self.outer]
             tensors += [torch.zeros_like(o) if b is None else b.clone() for o, b in zip(self.outer, buffers)]
-            return {"round": self.round, "momentum": [b is not None for b in buffers]}, tensors
+            return {"round": self.round, "inner_step": self.inner_step, "momentum": [b is not None for b in buffers]}, \
+                tensors
 
-    def load_state_from_peers(self, timeout: float | None = None) -> bool:
+    def load_state_from_peers(self, timeout: float | None = None, only_ahead: bool = False) -> bool:
         """Take the outer state of the most advanced peer (a joiner; this peer keeps its outer_lr and momentum).
 
-        Returns False, keeping this peer's state, when no peer answered or what it sent does not fit this model.
+        Returns False, keeping this peer's state, when no peer answered, what it sent does not fit this model,
+        or (`only_ahead`: a peer resumed from a checkpoint) it is not further along than this peer.
         """
         loaded = self.averager.load_state_from_peers(timeout=timeout)
         if loaded is None:
@@ -243,6 +267,7 @@ class OuterOptimizer:
         metadata, tensors = loaded
         count = len(self.outer)
         fits = (isinstance(metadata, dict) and isinstance(metadata.get("round"), int) and metadata["round"] >= 0
+                and isinstance(metadata.get("inner_step", 0), int) and metadata.get("inner_step", 0) >= 0
                 and isinstance(metadata.get("momentum"), list) and len(metadata["momentum"]) == count
                 and len(tensors) == 2 * count
                 and all(t.shape == o.shape for t, o in zip(tensors, self.outer + self.outer))
@@ -251,8 +276,11 @@ class OuterOptimizer:
             print("[convmodel] refused the DiLoCo state a peer sent: it does not fit this model's parameters",
                   file=sys.stderr, flush=True)
             return False
+        if only_ahead and (metadata["round"], metadata.get("inner_step", 0)) <= (self.round, self.inner_step):
+            return False
         state = {i: {"momentum_buffer": tensors[count + i]} for i, has in enumerate(metadata["momentum"]) if has}
-        self.load_state_dict({"round": metadata["round"], "outer": tensors[:count],
+        self.load_state_dict({"round": metadata["round"], "inner_step": metadata.get("inner_step", 0),
+                              "outer": tensors[:count],
                               "optimizer": {"state": state, "param_groups": self.optimizer.state_dict()["param_groups"]}})
         return True
 

@@ -5,13 +5,17 @@ Lightning side only: it checks that the trainer fits a swarm (one device, no los
 the module's own optimizer and schedule (`configure_optimizers`) to a SwarmPeer (swarm_peer.py:
 DHT, hivemind.Optimizer, joining, the NaN guard, the epoch report) at `setup_optimizers`, joins
 the swarm's state before the first step, counts each batch's samples, and leaves in `teardown`.
+
+`algorithm: diloco` swaps the SwarmPeer for a DiLoCoPeer (diloco_peer.py): Lightning then steps the
+module's optimizer and schedule every batch as in a local run, and every `inner_steps` of them the
+peers average their pseudo-gradients and take one outer step.
 """
 
 import signal
 import sys
 from collections.abc import Callable
 from dataclasses import fields
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pytorch_lightning.strategies import SingleDeviceStrategy, StrategyRegistry
@@ -20,6 +24,7 @@ from pytorch_lightning.utilities.data import extract_batch_size
 from typing_extensions import override
 
 from convmodel.collaborative.compression import CompressionName
+from convmodel.collaborative.diloco_peer import DiLoCoPeer
 from convmodel.collaborative.optimizer_rebuild import rebuild_optimizer
 from convmodel.collaborative.run_identity import check_checkpoint_run, record_run
 from convmodel.collaborative.signals import StopOnSignal, restore_handlers
@@ -82,11 +87,18 @@ class HivemindStrategy(SingleDeviceStrategy):
             needs identity_path and owner_public_key.
         status_file: JSON file this peer rewrites while it is in the swarm (epoch, peers seen), for a container's
             health check (convmodel/health.py); default $CONVMODEL_STATUS_FILE; none writes no file.
+        algorithm: synchronous (average gradients every target_batch_size samples of the swarm) or diloco
+            (each peer takes inner_steps steps of the module's own optimizer, then the peers average the change
+            and take one outer Nesterov step: far less traffic, for slow links; README, Slow links).
+        inner_steps: diloco: local optimizer steps per round (H); max_collaborative_epochs counts rounds.
+        outer_lr: diloco: learning rate of the outer Nesterov SGD (0.7 in the DiLoCo paper).
+        outer_momentum: diloco: momentum of the outer SGD (0.9 in the paper).
+        pseudo_gradient_compression: diloco: compression of the averaged pseudo-gradients (same choices).
+        target_group_size: diloco: a round's group starts averaging as soon as this many peers are in it, instead
+            of after matchmaking_time (a swarm of known size); null waits matchmaking_time every round.
     """
 
     strategy_name = "hivemind"
-    #: the schedule counts collaborative epochs, not local batches (convmodel.cli skips its max_steps check)
-    steps_schedule_itself = True
 
     def __init__(
         self,
@@ -126,19 +138,32 @@ class HivemindStrategy(SingleDeviceStrategy):
         owner_public_key: str | None = None,
         access_token: str | None = None,
         status_file: str | None = None,
+        algorithm: Literal["synchronous", "diloco"] = "synchronous",
+        inner_steps: int = 50,
+        outer_lr: float = 0.7,
+        outer_momentum: float = 0.9,
+        pseudo_gradient_compression: CompressionName = "fp16",
+        target_group_size: int | None = None,
     ):
         super().__init__(device="cpu")
         # filled in by Lightning's accelerator connector from trainer.accelerator/devices
         self.parallel_devices: list[torch.device] | None = None
         given = locals()
         self.options = SwarmOptions(**{option.name: given[option.name] for option in fields(SwarmOptions)})
-        self.peer = SwarmPeer(self.options)
+        self.diloco = algorithm == "diloco"
+        self.peer = DiLoCoPeer(self.options) if self.diloco else SwarmPeer(self.options)
         self._samples_since_step = 0
         self._non_finite_loss = False
         self._stop_on_signal = StopOnSignal((signal.SIGINT, signal.SIGTERM), self._on_signal)
         self._stop_at_once = False  # a second Ctrl-C or SIGTERM: no goodbye
         #: the swarm reached max_collaborative_epochs (read by convmodel.fit_summary: a finished run, not a stopped one)
         self.end_reached: str | None = None
+
+    @property
+    def steps_schedule_itself(self) -> bool:
+        """Synchronous: the schedule counts collaborative epochs, not local batches (convmodel.cli skips its
+        max_steps check). DiLoCo: Lightning steps it every batch, as in a local run."""
+        return not self.diloco
 
     @property
     def hivemind_optimizer(self):
@@ -173,6 +198,9 @@ class HivemindStrategy(SingleDeviceStrategy):
             raise UserError("trainer.num_nodes: HivemindStrategy runs one peer per process; set trainer.num_nodes: 1 "
                             "and start a peer on each machine with initial_peers")
         scaler = getattr(self.precision_plugin, "scaler", None)
+        if self.diloco:  # the inner steps are a local run's: Lightning's scaler, bf16 weights copied to fp32 outer ones
+            super().setup(trainer)
+            return
         if scaler is not None:
             raise UserError("trainer.precision: 16-mixed needs a loss scaler that hivemind does not share with "
                             "Lightning yet; use precision: bf16-mixed (or 32)")
@@ -188,6 +216,9 @@ class HivemindStrategy(SingleDeviceStrategy):
     @override
     def setup_optimizers(self, trainer) -> None:
         super().setup_optimizers(trainer)  # the module's configure_optimizers: one optimizer, one schedule
+        if self.diloco:
+            self._join_diloco()
+            return
         if len(self.optimizers) != 1:
             raise UserError(f"HivemindStrategy needs exactly one optimizer from configure_optimizers, got "
                             f"{len(self.optimizers)}")
@@ -206,6 +237,17 @@ class HivemindStrategy(SingleDeviceStrategy):
         # hivemind steps the schedule once per collaborative epoch; Lightning must not step it per batch
         self.optimizers = [self.peer.optimizer]
         self.lr_scheduler_configs = []
+
+    def _join_diloco(self) -> None:
+        """The module's optimizer and schedule stay Lightning's (the inner ones); the peer adds the outer loop."""
+        before = {number: signal.getsignal(number) for number in self._stop_on_signal.signals}
+        try:
+            self.peer.join(self.lightning_module.parameters())
+        finally:
+            if self.peer.optimizer is not None:
+                self._stop_on_signal.install(previous=before)
+            else:
+                restore_handlers(before)
 
     def _on_signal(self, signum) -> bool:
         """The first Ctrl-C or SIGTERM asks the trainer to stop after this step (see signals.py).
@@ -236,11 +278,17 @@ class HivemindStrategy(SingleDeviceStrategy):
     def load_optimizer_state_dict(self, checkpoint) -> None:
         check_checkpoint_run(checkpoint, self.options.run_id)
         super().load_optimizer_state_dict(checkpoint)
-        self.peer.after_checkpoint_load()
+        if self.diloco:
+            self.peer.load_state_dict(checkpoint.get("diloco"))
+        else:
+            self.peer.after_checkpoint_load()
 
     @override
     def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
-        if self.peer.optimizer is not None:
+        if self.peer.optimizer is not None and self.diloco:
+            record_run(checkpoint, self.options.run_id, self.peer.optimizer.round)
+            checkpoint["diloco"] = self.peer.state_dict()
+        elif self.peer.optimizer is not None:
             record_run(checkpoint, self.options.run_id, self.peer.optimizer.local_epoch)
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
@@ -250,7 +298,9 @@ class HivemindStrategy(SingleDeviceStrategy):
         # Lightning's signal connector wrapped SIGTERM at the start of fit (its handler ends the run through
         # the interrupt path: exit 143, the goodbye cut short); a SIGTERM is a Ctrl-C here
         self._stop_on_signal.take_back()
-        if self.peer.optimizer is not None:
+        if self.peer.optimizer is not None and self.diloco:
+            self.peer.catch_up(self.lr_scheduler_configs[0].scheduler if self.lr_scheduler_configs else None)
+        elif self.peer.optimizer is not None:
             self.peer.catch_up()
 
     # ---- stepping ------------------------------------------------------------------------------
@@ -268,7 +318,7 @@ class HivemindStrategy(SingleDeviceStrategy):
         loss = output["loss"] if isinstance(output, dict) else output
         if isinstance(loss, torch.Tensor) and not torch.isfinite(loss.detach()).all():
             self._non_finite_loss = True
-        elif isinstance(loss, torch.Tensor):
+        elif isinstance(loss, torch.Tensor) and not self.diloco:
             self.peer.report.add_loss(loss)
         module = self.lightning_module
         for name, value in self.peer.metrics().items():
@@ -280,6 +330,8 @@ class HivemindStrategy(SingleDeviceStrategy):
     def optimizer_step(self, optimizer, closure: Callable[[], Any], model=None, **kwargs: Any) -> Any:
         if self.peer.optimizer is None:
             return super().optimizer_step(optimizer, closure, model, **kwargs)
+        if self.diloco:
+            return self._inner_step(optimizer, closure, model, **kwargs)
         # run forward/backward ourselves: Lightning's precision plugin would clip each local
         # gradient, and clipping belongs to the swarm's averaged gradient (see optimizer_rebuild.py)
         closure_result = closure()
@@ -293,6 +345,18 @@ class HivemindStrategy(SingleDeviceStrategy):
             last = self.options.max_collaborative_epochs
             self.end_reached = f"collaborative epoch {last} (trainer.strategy.init_args.max_collaborative_epochs)"
         return closure_result
+
+    def _inner_step(self, optimizer, closure: Callable[[], Any], model=None, **kwargs: Any) -> Any:
+        """Lightning's own step (clipping and precision as in a local run), then DiLoCo's count of it."""
+        output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        samples, self._samples_since_step = self._samples_since_step, 0
+        self._non_finite_loss = False  # a non-finite pseudo-gradient is caught at the round's end
+        self.peer.after_inner_step(samples, lr=optimizer.param_groups[0]["lr"])
+        if self.peer.finished:
+            self.lightning_module.trainer.should_stop = True
+            last = self.options.max_collaborative_epochs
+            self.end_reached = f"DiLoCo round {last} (trainer.strategy.init_args.max_collaborative_epochs)"
+        return output
 
     @override
     def lightning_module_state_dict(self) -> dict:

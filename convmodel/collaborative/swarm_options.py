@@ -13,6 +13,9 @@ from convmodel.collaborative.compression import COMPRESSION_NAMES
 from convmodel.errors import UserError
 
 OPTION = "trainer.strategy.init_args"
+#: synchronous: average gradients every target_batch_size samples; diloco: average pseudo-gradients every
+#: inner_steps local optimizer steps (diloco.py)
+ALGORITHMS = ("synchronous", "diloco")
 #: where a peer listens unless host_maddrs says otherwise: only this machine can reach it
 DEFAULT_HOST_MADDRS = ["/ip4/127.0.0.1/tcp/0"]
 
@@ -65,6 +68,12 @@ class SwarmOptions:
     owner_public_key: str | None = None
     access_token: str | None = None
     status_file: str | None = None
+    algorithm: str = "synchronous"
+    inner_steps: int = 50
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    pseudo_gradient_compression: str = "fp16"
+    target_group_size: int | None = None
 
     @property
     def request_timeout(self) -> float:
@@ -114,8 +123,36 @@ class SwarmOptions:
             problems.append("delay_optimizer_step needs delay_state_averaging: true")
         if self.delay_grad_averaging and not self.delay_optimizer_step:
             problems.append("delay_grad_averaging needs delay_optimizer_step: true")
+        problems += self._diloco_problems()
         if self.max_collaborative_epochs is not None and self.max_collaborative_epochs < 1:
             problems.append(f"max_collaborative_epochs must be >= 1, got {self.max_collaborative_epochs!r}")
         from convmodel.collaborative.access.policy import access_problems
 
         return problems + access_problems(self, OPTION)
+
+    def _diloco_problems(self) -> list[str]:
+        if self.algorithm not in ALGORITHMS:
+            return [f"algorithm must be one of {', '.join(ALGORITHMS)}, got {self.algorithm!r}"]
+        if self.algorithm != "diloco":
+            return []
+        problems = []
+        if isinstance(self.inner_steps, bool) or not isinstance(self.inner_steps, int) or self.inner_steps < 1:
+            problems.append(f"inner_steps must be an integer >= 1, got {self.inner_steps!r}")
+        if not self.outer_lr > 0 or not 0 <= self.outer_momentum < 1:
+            problems.append(f"outer_lr must be > 0 and outer_momentum in [0, 1), got {self.outer_lr!r} and "
+                            f"{self.outer_momentum!r}")
+        if self.target_group_size is not None and (isinstance(self.target_group_size, bool) or not isinstance(
+                self.target_group_size, int) or self.target_group_size < 2):
+            problems.append(f"target_group_size must be an integer >= 2 or null, got {self.target_group_size!r}")
+        if self.pseudo_gradient_compression not in COMPRESSION_NAMES:
+            problems.append(f"pseudo_gradient_compression must be one of {', '.join(COMPRESSION_NAMES)}, got "
+                            f"{self.pseudo_gradient_compression!r}")
+        if not self.averaging_timeout > self.matchmaking_time > self.request_timeout:
+            problems.append(f"algorithm diloco needs averaging_timeout > matchmaking_time > {self.request_timeout:g} s "
+                            f"(the request timeout), got {self.averaging_timeout!r} and {self.matchmaking_time!r}")
+        # the inner optimizer is the module's own, stepped by Lightning: hivemind.Optimizer's switches do not apply
+        for name in ("offload_optimizer", "delay_optimizer_step", "delay_grad_averaging", "reuse_grad_buffers"):
+            if getattr(self, name):
+                problems.append(f"{name} is an option of algorithm synchronous; algorithm diloco steps the module's "
+                                "own optimizer every batch: remove it")
+        return problems

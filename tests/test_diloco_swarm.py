@@ -1,0 +1,93 @@
+"""`algorithm: diloco` with real trainer processes on 127.0.0.1, started from the CLI with the shipped config.
+
+configs/collaborative/bert-tiny-diloco.yaml at test size (the tests' tiny BERT, 5 inner steps a round).
+Each round prints "DiLoCo round R (P peers, S samples, T s, outer FINGERPRINT, lr X)": the tests compare
+the two peers' lines round by round, and read their checkpoints.
+"""
+
+import os
+import re
+import signal
+
+import pytest
+import torch
+
+pytest.importorskip("hivemind")
+
+from test_collaborative import (  # noqa: E402, F401
+    REPO,
+    STARTUP_S,
+    TINY_BERT,
+    Peer,
+    checkpoint,
+    collaborative_run_args,
+    shards,
+    wait_for_file,
+)
+
+CONFIG = REPO / "configs" / "collaborative" / "bert-tiny-diloco.yaml"
+ROUND_LINE = re.compile(r"DiLoCo round (\d+) \((\d+) peers?, ([\d.]+) samples, [\d.]+ s, outer (\w+)(?:, lr ([^,)]+))?")
+H, BATCH, PAIRED = 5, 8, 4  # rounds of 5 inner steps of 8 samples; the test ends after 4 rounds together
+# a group of 2 starts as soon as both are in it; the long window only bounds a round without a partner
+DILOCO = dict(inner_steps=H, max_collaborative_epochs=1_000_000, matchmaking_time=6.0, averaging_timeout=20.0,
+              target_group_size=2, load_state_timeout=30.0)
+
+
+def rounds(peer: Peer) -> dict[int, tuple[int, float, str, float | None]]:
+    """round -> (peers, samples, outer fingerprint after it, lr) from the peer's round lines (no lr: a joiner
+    that joined the round's all-reduce before any inner step)."""
+    return {int(r): (int(p), float(s), f, float(lr) if lr else None)
+            for r, p, s, f, lr in ROUND_LINE.findall(peer.output())}
+
+
+def diloco_args(shard_dir, tokenizer_dir, **strategy) -> list[str]:
+    return [*collaborative_run_args(CONFIG, TINY_BERT, shard_dir, tokenizer_dir, **{**DILOCO, **strategy}),
+            "--model.init_args.total_steps", "100000", "--trainer.max_steps", "1000000"]
+
+
+@pytest.mark.timeout(400)
+def test_a_joiner_takes_the_outer_state_mid_round_and_both_hold_the_same_outer_weights_after_every_round(
+        shards, tokenizer_dir, tmp_path):  # noqa: F811
+    """The first peer trains alone (a round without a partner steps at once); the second joins mid-round.
+
+    The joiner gets the round under way and the step in it, so it ends that round with the first (sending
+    weight 0: the round's samples are the first peer's alone) and every later round pairs: the same outer
+    weights, the same global inner step and so the same inner learning rate on both. Ctrl-C then ends both
+    with a checkpoint holding the outer state.
+    """
+    first = second = None
+    try:
+        first = Peer(tmp_path / "first", diloco_args(shards, tokenizer_dir, peers_file="peers.txt"))
+        address = wait_for_file(tmp_path / "first" / "peers.txt", first, STARTUP_S).split()[0]
+        first.wait_for_condition(lambda: 0 in rounds(first), STARTUP_S, "round 0")
+        second = Peer(tmp_path / "second", diloco_args(shards, tokenizer_dir, initial_peers=[address]))
+        joined = second.wait_for(r"DiLoCo: joined at round (\d+), inner step (\d+)", STARTUP_S)
+        joined_round, joined_step = int(joined.group(1)), int(joined.group(2))
+        second.wait_for_condition(lambda: max(rounds(second), default=-1) >= joined_round + PAIRED, 120,
+                                  f"{PAIRED} rounds together")
+        for peer in (first, second):
+            os.kill(peer.process.pid, signal.SIGINT)
+        assert first.wait_exit(90) == 0, first.output()[-4000:]
+        assert second.wait_exit(90) == 0, second.output()[-4000:]
+    finally:
+        for peer in (first, second):
+            if peer is not None:
+                peer.kill()
+    ours, theirs = rounds(first), rounds(second)
+    assert sorted(ours) == list(range(len(ours))), first.output()[-4000:]
+    both = sorted(set(ours) & set(theirs))
+    assert both[0] == joined_round and len(both) >= PAIRED, (both, second.output()[-4000:])
+    # joined mid-round, the joiner's first round counts the first peer's samples only (at step 0: both peers')
+    assert ours[joined_round][1] == (H * BATCH if joined_step > 0 else 2 * H * BATCH), (joined_step, ours)
+    for number in both:
+        assert ours[number][0] == theirs[number][0] == 2, (number, ours[number], theirs[number])
+        assert ours[number][2] == theirs[number][2], f"round {number}: the outer weights differ"
+        if theirs[number][3] is not None:
+            assert ours[number][3] == pytest.approx(theirs[number][3]), f"round {number}: the inner lr differs"
+    assert len({fingerprint for _, _, fingerprint, _ in ours.values()}) == len(ours)  # every round moved them
+    states = [checkpoint(peer)["diloco"] for peer in (first, second)]
+    for state, printed in zip(states, (ours, theirs), strict=True):
+        assert state["round"] == max(printed) + 1  # the checkpoint holds the outer state after the last round
+    if states[0]["round"] == states[1]["round"]:
+        for mine, yours in zip(states[0]["outer"], states[1]["outer"], strict=True):
+            assert torch.equal(mine, yours)
