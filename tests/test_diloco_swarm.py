@@ -91,3 +91,19 @@ def test_a_joiner_takes_the_outer_state_mid_round_and_both_hold_the_same_outer_w
     if states[0]["round"] == states[1]["round"]:
         for mine, yours in zip(states[0]["outer"], states[1]["outer"], strict=True):
             assert torch.equal(mine, yours)
+
+
+def test_diloco_refuses_the_synchronous_optimizer_switches_and_bad_values_in_one_message():
+    from convmodel.collaborative.swarm_options import SwarmOptions
+    from convmodel.errors import UserError
+
+    with pytest.raises(UserError) as raised:
+        SwarmOptions(algorithm="diloco", inner_steps=0, outer_momentum=1.0, offload_optimizer=True,
+                     pseudo_gradient_compression="zip").check()
+    message = str(raised.value)
+    for part in ("trainer.strategy.init_args", "inner_steps must be an integer >= 1", "outer_momentum in [0, 1)",
+                 "pseudo_gradient_compression must be one of", "offload_optimizer is an option of algorithm "
+                 "synchronous"):
+        assert part in message, message
+    with pytest.raises(UserError, match="algorithm must be one of synchronous, diloco"):
+        SwarmOptions(algorithm="dilocoo").check()
