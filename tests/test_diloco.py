@@ -43,7 +43,7 @@ def run_case(case: str, index: int, dht, barrier) -> dict:
     generator = torch.Generator().manual_seed(index + 1)  # each peer on its own data
     rounds, loss_before = [], teacher.loss(model)
     try:
-        for number in range({"train": 6, "weighted": 3, "uint8": 3, "nan": 3, "apart": 1}[case]):
+        for number in range({"train": 6, "weighted": 3, "uint8": 3, "nan": 3, "apart": 1, "repair": 3}[case]):
             for _ in range(H):
                 x, y = teacher.batch(generator)
                 inner.zero_grad(set_to_none=True)
@@ -52,6 +52,9 @@ def run_case(case: str, index: int, dht, barrier) -> dict:
             if case == "nan" and number == 1 and index == 1:
                 with torch.no_grad():
                     model.weight[0, 0] = float("nan")  # an inner step that blew up
+            if case == "repair" and number == 1 and index == 1:
+                with torch.no_grad():  # as after a round this peer alone fell back in
+                    outer.outer[0].add_(0.01)
             if case == "apart" and index == 1:
                 outer.round += 1  # a peer one round ahead (it missed nothing else)
             if case == "apart":
@@ -304,3 +307,15 @@ def test_a_joiner_downloads_the_outer_state_and_trains_in_step(peers):
     for outcome in (server, joiner):
         assert outcome["together"][:4] == (2, 2, False, True)
     assert server["together"][4] == joiner["together"][4]
+
+
+@pytest.mark.timeout(240)
+def test_a_group_whose_outer_weights_came_apart_is_put_back_together_in_that_round(peers):
+    a, b = peers.run("repair")  # b's outer weights are off by 0.01 before round 1
+    assert a["rounds"][0]["fingerprint"] == b["rounds"][0]["fingerprint"]
+    for outcome in (a, b):
+        r = outcome["rounds"][1]["result"]
+        assert (r.peers, r.fell_back, r.agreed, r.repaired) == (2, False, False, True), r
+        assert outcome["rounds"][2]["result"].agreed and not outcome["rounds"][2]["result"].repaired
+    for number in (1, 2):
+        assert a["rounds"][number]["fingerprint"] == b["rounds"][number]["fingerprint"], number

@@ -10,7 +10,6 @@ import re
 import signal
 
 import pytest
-import torch
 
 pytest.importorskip("hivemind")
 
@@ -26,18 +25,19 @@ from test_collaborative import (  # noqa: E402, F401
 )
 
 CONFIG = REPO / "configs" / "collaborative" / "bert-tiny-diloco.yaml"
-ROUND_LINE = re.compile(r"DiLoCo round (\d+) \((\d+) peers?, ([\d.]+) samples, [\d.]+ s, outer (\w+)(?:, lr ([^,)]+))?")
-H, BATCH, PAIRED = 5, 8, 4  # rounds of 5 inner steps of 8 samples; the test ends after 4 rounds together
+ROUND_LINE = re.compile(r"DiLoCo round (\d+) \((\d+) peers?, ([\d.]+) samples, ([\d.]+) s, outer (\w+)(?:, lr ([^,)]+))?")
+H, BATCH, PAIRED = 5, 8, 4  # rounds of 5 inner steps of 8 samples; the second is killed after 4 rounds together
+SLACK_S = 15.0  # a loaded 2-core machine; a round itself takes 1-4 s here
 # a group of 2 starts as soon as both are in it; the long window only bounds a round without a partner
 DILOCO = dict(inner_steps=H, max_collaborative_epochs=1_000_000, matchmaking_time=6.0, averaging_timeout=20.0,
               target_group_size=2, load_state_timeout=30.0)
 
 
-def rounds(peer: Peer) -> dict[int, tuple[int, float, str, float | None]]:
-    """round -> (peers, samples, outer fingerprint after it, lr) from the peer's round lines (no lr: a joiner
-    that joined the round's all-reduce before any inner step)."""
-    return {int(r): (int(p), float(s), f, float(lr) if lr else None)
-            for r, p, s, f, lr in ROUND_LINE.findall(peer.output())}
+def rounds(peer: Peer) -> dict[int, tuple[int, float, str, float | None, float]]:
+    """round -> (peers, samples, outer fingerprint after it, lr, seconds since the previous round line) from the
+    peer's round lines (no lr: a joiner that joined the round's all-reduce before any inner step)."""
+    return {int(r): (int(p), float(s), f, float(lr) if lr else None, float(seconds))
+            for r, p, s, seconds, f, lr in ROUND_LINE.findall(peer.output())}
 
 
 def diloco_args(shard_dir, tokenizer_dir, **strategy) -> list[str]:
@@ -46,13 +46,14 @@ def diloco_args(shard_dir, tokenizer_dir, **strategy) -> list[str]:
 
 
 @pytest.mark.timeout(400)
-def test_a_joiner_takes_the_outer_state_mid_round_and_both_hold_the_same_outer_weights_after_every_round(
+def test_a_joiner_takes_the_outer_state_mid_round_and_both_hold_the_same_outer_weights_until_one_is_killed(
         shards, tokenizer_dir, tmp_path):  # noqa: F811
     """The first peer trains alone (a round without a partner steps at once); the second joins mid-round.
 
     The joiner gets the round under way and the step in it, so it ends that round with the first (sending
     weight 0: the round's samples are the first peer's alone) and every later round pairs: the same outer
-    weights, the same global inner step and so the same inner learning rate on both. Ctrl-C then ends both
+    weights, the same global inner step and so the same inner learning rate on both. Then the second is
+    SIGKILLed: the first loses one round's averaging_timeout and rounds alone from the next. Ctrl-C ends it
     with a checkpoint holding the outer state.
     """
     first = second = None
@@ -65,16 +66,23 @@ def test_a_joiner_takes_the_outer_state_mid_round_and_both_hold_the_same_outer_w
         joined_round, joined_step = int(joined.group(1)), int(joined.group(2))
         second.wait_for_condition(lambda: max(rounds(second), default=-1) >= joined_round + PAIRED, 120,
                                   f"{PAIRED} rounds together")
-        for peer in (first, second):
-            os.kill(peer.process.pid, signal.SIGINT)
+        os.killpg(second.process.pid, signal.SIGKILL)
+        second.process.wait(timeout=30)
+        killed_at = max(rounds(first))
+        first.wait_for_condition(lambda: max(rounds(first)) >= killed_at + 3, 120, "3 rounds after the kill")
+        os.kill(first.process.pid, signal.SIGINT)
         assert first.wait_exit(90) == 0, first.output()[-4000:]
-        assert second.wait_exit(90) == 0, second.output()[-4000:]
     finally:
         for peer in (first, second):
             if peer is not None:
                 peer.kill()
     ours, theirs = rounds(first), rounds(second)
     assert sorted(ours) == list(range(len(ours))), first.output()[-4000:]
+    after_kill = [ours[number] for number in range(killed_at + 1, max(ours) + 1)]
+    # the round the dead peer missed waited one averaging_timeout; from the next on the first rounds alone
+    assert after_kill[0][0] == 1 and after_kill[0][4] < DILOCO["averaging_timeout"] + SLACK_S, first.output()[-4000:]
+    assert all(r[0] == 1 and r[4] < SLACK_S for r in after_kill[1:]), first.output()[-4000:]
+    theirs = {number: r for number, r in theirs.items() if number <= killed_at}
     both = sorted(set(ours) & set(theirs))
     assert both[0] == joined_round and len(both) >= PAIRED, (both, second.output()[-4000:])
     # joined mid-round, the joiner's first round counts the first peer's samples only (at step 0: both peers')
@@ -84,13 +92,9 @@ def test_a_joiner_takes_the_outer_state_mid_round_and_both_hold_the_same_outer_w
         assert ours[number][2] == theirs[number][2], f"round {number}: the outer weights differ"
         if theirs[number][3] is not None:
             assert ours[number][3] == pytest.approx(theirs[number][3]), f"round {number}: the inner lr differs"
-    assert len({fingerprint for _, _, fingerprint, _ in ours.values()}) == len(ours)  # every round moved them
-    states = [checkpoint(peer)["diloco"] for peer in (first, second)]
-    for state, printed in zip(states, (ours, theirs), strict=True):
-        assert state["round"] == max(printed) + 1  # the checkpoint holds the outer state after the last round
-    if states[0]["round"] == states[1]["round"]:
-        for mine, yours in zip(states[0]["outer"], states[1]["outer"], strict=True):
-            assert torch.equal(mine, yours)
+    assert len({r[2] for r in ours.values()}) == len(ours)  # every round moved them
+    state = checkpoint(first)["diloco"]
+    assert state["round"] == max(ours) + 1  # the checkpoint holds the outer state after the last round
 
 
 def test_diloco_refuses_the_synchronous_optimizer_switches_and_bad_values_in_one_message():

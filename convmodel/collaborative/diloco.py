@@ -44,6 +44,7 @@ class RoundResult:
     sent: bool  # this peer's pseudo-gradient was finite and took part (weight = its samples)
     stepped: bool  # the outer optimizer stepped (False only when no finite pseudo-gradient was at hand)
     agreed: bool  # every groupmate held the same outer weights before the round (True when alone)
+    repaired: bool  # they did not, and the group averaged its outer weights and momentum after the step
     approx_bytes_sent: int  # this peer's share of the all-reduce, estimated from the compression (received: the same)
 
 
@@ -88,6 +89,7 @@ class OuterOptimizer:
         #: served to joiners, who end their first round with the others instead of H steps after them
         self.inner_step = 0
         self.fallbacks = 0  # rounds whose all-reduce failed or was partial
+        self.dead: dict[bytes, float] = {}  # peer id -> expiration of the offer it was found dead with
         self.skipped = 0  # rounds whose local pseudo-gradient was non-finite (not sent)
         self.averager = exact_averager_class()(
             [torch.zeros_like(outer) for outer in self.outer], dht, prefix=f"{run_id}_diloco",
@@ -138,33 +140,99 @@ class OuterOptimizer:
             self.fallbacks += 1
             print(f"[convmodel] DiLoCo round {self.round}: no all-reduce, the local pseudo-gradient is applied "
                   f"(total {self.fallbacks})", file=sys.stderr, flush=True)
+            dead = self.leave_out_dead_peers()
+            if dead:
+                print(f"[convmodel] DiLoCo: {len(dead)} peer(s) did not answer after the failed round: left out "
+                      "until they offer their state again", file=sys.stderr, flush=True)
         if not averaged and sent:
             self._local_pseudo_gradients([outer.grad for outer in self.outer])
         stepped = averaged or sent
+        group = gathered if averaged else {}
+        agreed = all(data.get("outer") == fingerprint for data in group.values())
         with self._lock:
             if stepped:
                 self.optimizer.step()
             self.round += 1
             self.inner_step = 0
+        repaired = not agreed and self._repair(self.round - 1)
         self._load_outer_into_params()  # also puts a peer whose weights went non-finite back on track
         if self.averager.allow_state_sharing:
             self.averager.state_sharing_priority = self.round
-        group = gathered if averaged else {}
         result = RoundResult(
             round=self.round - 1, peers=max(len(group), 1),
             samples=sum(float(data.get("samples", 0)) for data in group.values()) if group else weight,
             fell_back=fell_back, sent=sent, stepped=stepped,
-            agreed=all(data.get("outer") == fingerprint for data in group.values()),
-            approx_bytes_sent=self._approx_bytes(len(group)))
+            agreed=agreed, repaired=repaired, approx_bytes_sent=self._approx_bytes(len(group)))
         return result
 
     def others_declared(self) -> bool:
-        """Whether another peer of this run offers its outer state in the DHT (hivemind's averagers re-declare
-        every 30 s; a client-mode peer never does, so one whose only partners are client-mode sees none)."""
+        """Whether another live peer of this run offers its outer state in the DHT. hivemind's averagers
+        re-declare every 30 s, so a killed peer's offer outlives it: `leave_out_dead_peers` leaves those out
+        after a failed round. A client-mode peer never offers, so one whose only partners are client-mode
+        sees none."""
+        return bool(self._declared_others())
+
+    def _declared_others(self) -> dict[bytes, float]:
+        """peer id -> expiration of its offer, for the other peers offering state and not found dead since."""
         found = self.averager.dht.get(f"{self.averager.prefix}.all_averagers", latest=True)
         own = self.averager.peer_id.to_bytes()
         entries = found.value if found is not None and isinstance(found.value, dict) else {}
-        return any(key != own and getattr(entry, "value", None) is not None for key, entry in entries.items())
+        others = {key: entry.expiration_time for key, entry in entries.items()
+                  if key != own and getattr(entry, "value", None) is not None}
+        return {key: expires for key, expires in others.items() if self.dead.get(key, -1.0) < expires}
+
+    def leave_out_dead_peers(self) -> list[bytes]:
+        """After a failed round: ping the peers offering state, leave out those that do not answer until they
+        offer again (a newer declaration). Returns the ones left out now."""
+        from functools import partial
+
+        from convmodel.collaborative.liveness import unanswered
+
+        others = self._declared_others()
+        if not others:
+            return []
+        try:
+            dead = self.averager.dht.run_coroutine(partial(unanswered, peer_ids=list(others)))
+        except Exception as exc:  # a DHT shutting down
+            print(f"[convmodel] checking the other DiLoCo peers: {type(exc).__name__}: {exc}", file=sys.stderr,
+                  flush=True)
+            return []
+        for peer_id in dead:
+            self.dead[peer_id] = others[peer_id]
+        return dead
+
+    def _repair(self, round_number: int) -> bool:
+        """The round's group held different outer weights (a member had applied its own pseudo-gradient after a
+        failed round): the same update kept them apart for good. Every member saw the same fingerprints, so
+        all of them now average their outer weights, then their momentum buffers, to the same bytes. Group keys
+        "0" + round + part never meet a round's key (a round's bits start with 1, round 0's are "0")."""
+        averager = self.averager
+        with self._lock:
+            state = self.optimizer.state
+            momenta = [state[outer].setdefault("momentum_buffer", torch.zeros_like(outer)) for outer in self.outer]
+        repaired = True
+        for part, targets in (("0", self.outer), ("1", momenta)):
+            with averager.get_tensors() as buffers:
+                for buffer, target in zip(buffers, targets, strict=True):
+                    buffer.copy_(target)
+            partial_before = averager.partial_rounds.value
+            try:
+                averager.set_group_bits("0" + format(round_number, "b") + part)
+                gathered = averager.step(gather={"repair": round_number}, weight=1.0, timeout=self.averaging_timeout,
+                                         allow_retries=True)
+            except Exception as exc:
+                print(f"[convmodel] DiLoCo round {round_number}: re-synchronising the outer state failed: {exc!r}",
+                      file=sys.stderr, flush=True)
+                return False
+            if gathered is None or averager.partial_rounds.value != partial_before:
+                return False
+            with averager.get_tensors() as buffers, self._lock:
+                if not all_finite(list(buffers)):
+                    return False
+                for buffer, target in zip(buffers, targets, strict=True):
+                    target.copy_(buffer)
+            repaired = repaired and len(gathered) > 1
+        return repaired
 
     def _local_pseudo_gradients(self, out) -> None:
         """out[i] = outer[i] - params[i], in fp32 on the CPU."""

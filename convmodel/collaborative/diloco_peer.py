@@ -128,7 +128,9 @@ class DiLoCoPeer:
             notes.append("alone")
         elif result.fell_back:
             notes.append("no all-reduce: local pseudo-gradient")
-        if not result.agreed:
+        if result.repaired:
+            notes.append("the group's outer weights differed: averaged back together")
+        elif not result.agreed:
             notes.append("the group's outer weights differed")
         print(f"[convmodel] DiLoCo round {result.round} ({', '.join(notes)})", file=sys.stderr, flush=True)
         return result

@@ -25,7 +25,7 @@ _TRACKER_CLASS = None
 GOODBYE_STORE_S = 3.0  # hivemind's DHT request timeout: a store that takes longer reached no one
 
 
-async def _unanswered(_dht, node, peer_ids: list[bytes]) -> list[bytes]:
+async def unanswered(_dht, node, peer_ids: list[bytes]) -> list[bytes]:
     """Runs in the DHT's process: which of the peers did not answer a ping."""
     from hivemind.p2p import PeerID
 
@@ -108,7 +108,7 @@ def live_progress_tracker_class():
                         records[progress["peer_id"]] = progress.get("time", 0.0)
                 if not records:
                     return
-                dead = self.dht.run_coroutine(partial(_unanswered, peer_ids=list(records)))
+                dead = self.dht.run_coroutine(partial(unanswered, peer_ids=list(records)))
                 if not dead:
                     return
                 for peer_id in dead:
