@@ -10,6 +10,7 @@ import re
 import signal
 
 import pytest
+import torch
 
 pytest.importorskip("hivemind")
 
@@ -20,6 +21,7 @@ from test_collaborative import (  # noqa: E402, F401
     Peer,
     checkpoint,
     collaborative_run_args,
+    scalars,
     shards,
     wait_for_file,
 )
@@ -95,6 +97,47 @@ def test_a_joiner_takes_the_outer_state_mid_round_and_both_hold_the_same_outer_w
     assert len({r[2] for r in ours.values()}) == len(ours)  # every round moved them
     state = checkpoint(first)["diloco"]
     assert state["round"] == max(ours) + 1  # the checkpoint holds the outer state after the last round
+    # TensorBoard: the synchronous mode's tags, the round as collab/epoch, and the bytes of the all-reduces
+    assert scalars(first, "collab/epoch")[-1][1] == max(ours) + 1
+    assert {value for _, value in scalars(first, "collab/peers")} >= {1.0, 2.0}
+    assert scalars(first, "collab/bytes_sent")[-1][1] > 0
+
+
+@pytest.mark.timeout(400)
+def test_a_resumed_diloco_peer_continues_as_the_uninterrupted_run(shards, tokenizer_dir, tmp_path):  # noqa: F811
+    """12 inner steps straight, and 6 then a resume to 12, alone (rounds step at once): the checkpoint at step 6
+    holds round 1 and the step in it, so the resumed peer ends round 1 at step 10 as the uninterrupted one did,
+    with the same outer weights, outer momentum and model weights (no dropout: its generator is not saved)."""
+    model = {**TINY_BERT, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    at_6 = {"class_path": "pytorch_lightning.callbacks.ModelCheckpoint",  # the uninterrupted run's step 6, kept
+            "init_args": {"dirpath": "at-6", "every_n_train_steps": 6, "save_top_k": -1}}
+
+    def run(folder: str, *extra: str) -> Peer:
+        peer = Peer(tmp_path / folder, [*collaborative_run_args(CONFIG, model, shards, tokenizer_dir, [at_6],
+                                                                **DILOCO),
+                                        "--model.init_args.total_steps", "20", "--trainer.max_steps", "12", *extra])
+        try:
+            assert peer.wait_exit(STARTUP_S) == 0, peer.output()[-4000:]
+        finally:
+            peer.kill()
+        return peer
+
+    whole = checkpoint(run("whole"))
+    (step_6,) = (tmp_path / "whole" / "at-6").glob("*step=6.ckpt")
+    resumed = run("split", "--ckpt_path", str(step_6))
+    split = checkpoint(resumed)
+    assert sorted(rounds(resumed)) == [1]  # round 1 ended after the resume, at its step 10
+    for ckpt in (whole, split):
+        assert (ckpt["global_step"], ckpt["diloco"]["round"], ckpt["diloco"]["inner_step"]) == (12, 2, 2)
+    for a, b in zip(whole["diloco"]["outer"], split["diloco"]["outer"], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    momenta = [[state["momentum_buffer"] for state in ckpt["diloco"]["optimizer"]["state"].values()]
+               for ckpt in (whole, split)]
+    assert len(momenta[0]) == len(whole["diloco"]["outer"])
+    for a, b in zip(*momenta, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    for name, value in whole["state_dict"].items():
+        torch.testing.assert_close(split["state_dict"][name], value, rtol=1e-4, atol=1e-5)
 
 
 def test_diloco_refuses_the_synchronous_optimizer_switches_and_bad_values_in_one_message():
