@@ -160,6 +160,10 @@ def build_aux_peer(argv: list[str]) -> AuxiliaryPeer:
         raise UserError(f"--config: trainer.strategy is {type(strategy).__name__}, not "
                         "convmodel.collaborative.HivemindStrategy; the auxiliary peer joins a swarm, so give a "
                         "collaborative config (configs/collaborative/*.yaml)")
+    if strategy.diloco:
+        raise UserError("--config: trainer.strategy.init_args.algorithm is diloco; the auxiliary peer stores, serves "
+                        "and monitors synchronous runs only so far. A DiLoCo run's trainers save the outer state in "
+                        "their own checkpoints (resume with --ckpt_path last; export_model.py exports them)")
     options = AuxPeerOptions.from_config(cli.config)
     options.check(strategy.options)
     # the strategy object only carries the swarm's options here: the aux peer's SwarmPeer joins, not Lightning
