@@ -58,6 +58,10 @@ class StopOnSignal:
                 signal.signal(number, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if not threading.main_thread().is_alive():
+            # Python is shutting down (the fit returned): whatever handler came before would raise in an exit
+            # handler (CI: torch's library finalizer, "Exception ignored ... KeyboardInterrupt")
+            exit_at_once(signum)
         if self._restored is not None:
             # restored already, and someone put this handler back (Lightning's signal connector restores
             # the handlers it found at the start of fit, after the strategy's teardown): act as before us
@@ -72,8 +76,6 @@ class StopOnSignal:
             self.received = signum
             return
         self.restore()
-        if not threading.main_thread().is_alive():
-            exit_at_once(signum)
         raise KeyboardInterrupt
 
     def restore(self) -> None:
