@@ -45,14 +45,6 @@ class DiLoCoPeer:
     def dht(self):
         return self._network.dht
 
-    @property
-    def peer_addresses(self) -> list[str]:
-        return self._network.peer_addresses
-
-    @property
-    def inner_step(self) -> int:
-        return self.optimizer.inner_step if self.optimizer is not None else 0
-
     def join(self, params) -> OuterOptimizer:
         """Check the options, start the DHT and the outer optimizer over the model's parameters."""
         options = self.options
