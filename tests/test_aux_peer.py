@@ -399,8 +399,8 @@ def test_bad_options_are_one_error_each(shards, tokenizer_dir, capsys, tmp_path,
     assert "--checkpoint_every must be an integer >= 1, got 0" in err
     err = run_error(["--store_checkpoints", "ckpts"], capsys)
     assert "--config is required" in err
-    err = run_error([*peer_args(shards, tokenizer_dir, algorithm="diloco"), "--store_checkpoints", "ckpts"], capsys)
-    assert "algorithm is diloco" in err and "synchronous runs only" in err
+    err = run_error([*peer_args(shards, tokenizer_dir, algorithm="diloco"), "--assist_in_averaging"], capsys)
+    assert "--assist_in_averaging: under algorithm diloco" in err and "leave out --assist_in_averaging" in err
     assert not (tmp_path / "ckpts").exists()  # nothing was started or written
 
 

@@ -107,7 +107,8 @@ def test_a_joiner_takes_the_outer_state_mid_round_and_both_hold_the_same_outer_w
 def test_a_resumed_diloco_peer_continues_as_the_uninterrupted_run(shards, tokenizer_dir, tmp_path):  # noqa: F811
     """12 inner steps straight, and 6 then a resume to 12, alone (rounds step at once): the checkpoint at step 6
     holds round 1 and the step in it, so the resumed peer ends round 1 at step 10 as the uninterrupted one did,
-    with the same outer weights, outer momentum and model weights (no dropout: its generator is not saved)."""
+    with the same outer weights, outer momentum and model weights (no dropout: its generator is not saved).
+    The step-6 checkpoint exports the outer weights."""
     model = {**TINY_BERT, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
     at_6 = {"class_path": "pytorch_lightning.callbacks.ModelCheckpoint",  # the uninterrupted run's step 6, kept
             "init_args": {"dirpath": "at-6", "every_n_train_steps": 6, "save_top_k": -1}}
@@ -138,6 +139,17 @@ def test_a_resumed_diloco_peer_continues_as_the_uninterrupted_run(shards, tokeni
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
     for name, value in whole["state_dict"].items():
         torch.testing.assert_close(split["state_dict"][name], value, rtol=1e-4, atol=1e-5)
+
+    # exported mid-round (round 1, step 1), the model is the swarm's outer weights, not the peer's inner ones
+    from transformers import AutoModelForMaskedLM
+
+    from convmodel.export import export_model
+
+    mid_round, name = torch.load(step_6, map_location="cpu", weights_only=True), "model.bert.embeddings.word_embeddings.weight"
+    assert mid_round["diloco"]["inner_step"] == 1
+    assert not torch.equal(mid_round["state_dict"][name], mid_round["diloco"]["outer"][0])
+    exported = AutoModelForMaskedLM.from_pretrained(export_model(str(step_6), str(tmp_path / "hf")))
+    torch.testing.assert_close(exported.bert.embeddings.word_embeddings.weight, mid_round["diloco"]["outer"][0])
 
 
 def test_diloco_refuses_the_synchronous_optimizer_switches_and_bad_values_in_one_message():

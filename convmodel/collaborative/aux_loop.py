@@ -2,7 +2,8 @@
 
 It holds a SwarmPeer like a trainer, but never trains: without --assist_in_averaging only its
 DHT (and, with --store_checkpoints, a state averager to download and serve the swarm's state,
-held_state.py); with it, an auxiliary hivemind.Optimizer that joins the averaging rounds.
+held_state.py); with it, an auxiliary hivemind.Optimizer that joins the averaging rounds. A DiLoCo
+run's state is its outer state (diloco_held_state.py); the loop is the same, rounds for epochs.
 """
 
 import math
@@ -12,6 +13,7 @@ import sys
 import threading
 import time
 
+from convmodel.collaborative.diloco_held_state import DiLoCoHeldState
 from convmodel.collaborative.held_state import SwarmState
 from convmodel.collaborative.optimizer_rebuild import module_optimizer
 from convmodel.collaborative.signals import StopOnSignal
@@ -33,7 +35,7 @@ class AuxiliaryPeer:
         self.peer = SwarmPeer(swarm_options)
         self.store = (CheckpointStore(options.store_checkpoints, options.keep_checkpoints)
                       if options.store_checkpoints else None)
-        self.state: SwarmState | None = None
+        self.state: SwarmState | DiLoCoHeldState | None = None
         self.monitor = None
         self.stored_epoch: int | None = None
         self.uploaded_epoch: int | None = None
@@ -59,7 +61,13 @@ class AuxiliaryPeer:
         self.module.trainer = self.trainer  # configure_optimizers reads trainer.max_steps when total_steps is unset
         optimizer, scheduler = module_optimizer(self.module)
         validators = monitor_validators(peer.options.run_id)
-        if options.assist_in_averaging:
+        diloco = peer.options.algorithm == "diloco"
+        if diloco:  # the outer state is what the trainers share (diloco_held_state.py); --assist_in_averaging is refused
+            peer.start_dht(validators)
+            if self.store is not None:
+                self.state = DiLoCoHeldState.download_only(peer, self.module)
+                peer.companions.append(self.state.averager)
+        elif options.assist_in_averaging:
             opt = peer.join(optimizer, scheduler, self.trainer.gradient_clip_val,
                             str(self.trainer.gradient_clip_algorithm or "norm"), auxiliary=True,
                             extra_validators=validators, module=self.module)
@@ -69,7 +77,9 @@ class AuxiliaryPeer:
             if self.store is not None:
                 self.state = SwarmState.download_only(peer, optimizer, scheduler, self.module)
                 peer.companions.append(self.state.averager)  # stopped with the DHT when we stop at once
-        self.monitor = SwarmMonitor(peer.dht, peer.options.run_id, options.logdir, peer.options.target_batch_size)
+        # a DiLoCo round's samples are the trainers' inner steps: target_batch_size does not bound them
+        self.monitor = SwarmMonitor(peer.dht, peer.options.run_id, options.logdir,
+                                    None if diloco else peer.options.target_batch_size)
         self._signals.install()  # after the DHT and averagers started: hivemind sets SIGINT to "ignore" first
         self._read_monitor()  # the swarm's epoch, before a stored or downloaded state is judged by it
         if self.store is not None:

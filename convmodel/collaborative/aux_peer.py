@@ -23,6 +23,9 @@ rounds to wait for): it holds only a hivemind TrainingStateAverager under the tr
 the same tensors, enough to download and serve the state. Either way the trainers do not count it in
 their number of peers: hivemind reports progress only for peers that accumulate samples.
 
+A DiLoCo run (`algorithm: diloco`) shares its outer state, not an optimizer's: the auxiliary peer
+stores, serves and exports that (diloco_held_state.py); it does not take part in rounds.
+
 This module is the command line (options, parsing, main); the loop is aux_loop.py, the held
 state held_state.py, and the swarm session is a SwarmPeer as in a trainer.
 """
@@ -125,7 +128,11 @@ class AuxPeerOptions:
                 problems.append(str(exc))
             if self.store_checkpoints is None:
                 problems.append("--push_to_hub uploads the stored checkpoints: add --store_checkpoints DIR")
-        if self.assist_in_averaging and swarm_options.client_mode:
+        if self.assist_in_averaging and swarm_options.algorithm == "diloco":
+            problems.append("--assist_in_averaging: under algorithm diloco the auxiliary peer does not take part in "
+                            "the rounds (a DiLoCo round needs two training peers that accept connections, or one "
+                            "and client-mode partners); leave out --assist_in_averaging")
+        elif self.assist_in_averaging and swarm_options.client_mode:
             problems.append("--assist_in_averaging: a peer that assists in averaging must accept connections, but "
                             "trainer.strategy.init_args.client_mode is true; set it to false (and make this peer "
                             "reachable), or leave out --assist_in_averaging")
@@ -160,10 +167,6 @@ def build_aux_peer(argv: list[str]) -> AuxiliaryPeer:
         raise UserError(f"--config: trainer.strategy is {type(strategy).__name__}, not "
                         "convmodel.collaborative.HivemindStrategy; the auxiliary peer joins a swarm, so give a "
                         "collaborative config (configs/collaborative/*.yaml)")
-    if strategy.diloco:
-        raise UserError("--config: trainer.strategy.init_args.algorithm is diloco; the auxiliary peer stores, serves "
-                        "and monitors synchronous runs only so far. A DiLoCo run's trainers save the outer state in "
-                        "their own checkpoints (resume with --ckpt_path last; export_model.py exports them)")
     options = AuxPeerOptions.from_config(cli.config)
     options.check(strategy.options)
     # the strategy object only carries the swarm's options here: the aux peer's SwarmPeer joins, not Lightning

@@ -28,8 +28,9 @@ def epoch_file_name(epoch: int) -> str:
     return f"epoch-{epoch:06d}.ckpt"
 
 
-def make_checkpoint(module, optimizer_state: dict, epoch: int, datamodule=None,
-                    metrics: dict[str, float] | None = None, run_id: str | None = None) -> dict[str, Any]:
+def make_checkpoint(module, optimizer_state: dict | None, epoch: int, datamodule=None,
+                    metrics: dict[str, float] | None = None, run_id: str | None = None,
+                    diloco: dict | None = None) -> dict[str, Any]:
     """A Lightning checkpoint of the swarm's state that trainer.py resumes from and export_model.py exports.
 
     `optimizer_state` is the state_dict of the swarm's optimizer (hivemind's inner optimizer); the
@@ -37,17 +38,23 @@ def make_checkpoint(module, optimizer_state: dict, epoch: int, datamodule=None,
     which HivemindStrategy loads. There are no `loops`: a resumed trainer counts its own local steps
     from 0, and `global_step` records the swarm's optimizer steps (collaborative epochs) for the model
     card. `lr_schedulers` is empty because HivemindStrategy steps the schedule to the epoch itself.
+
+    A DiLoCo run's state is `diloco` (the outer state, as HivemindStrategy saves it; `epoch` is its
+    round) and no optimizer state: each trainer's inner optimizer is its own, a resumed one starts afresh.
     """
     import pytorch_lightning as pl
 
-    optimizer_state = dict(optimizer_state)
-    optimizer_state["state"] = dict(optimizer_state["state"], local_epoch=int(epoch))
+    optimizer_states = []
+    if optimizer_state is not None:
+        optimizer_state = dict(optimizer_state)
+        optimizer_state["state"] = dict(optimizer_state["state"], local_epoch=int(epoch))
+        optimizer_states.append(optimizer_state)
     checkpoint: dict[str, Any] = {
         "epoch": 0,
         "global_step": int(epoch),
         "pytorch-lightning_version": pl.__version__,
         "state_dict": {name: value.detach().cpu() for name, value in module.state_dict().items()},
-        "optimizer_states": [optimizer_state],
+        "optimizer_states": optimizer_states,
         "lr_schedulers": [],
         module.CHECKPOINT_HYPER_PARAMS_KEY: dict(module.hparams),
     }
@@ -60,12 +67,16 @@ def make_checkpoint(module, optimizer_state: dict, epoch: int, datamodule=None,
     if metrics:
         ours["metrics"] = {**ours.get("metrics", {}), **metrics}
     ours["collaborative"] = {"epoch": int(epoch), "run_id": run_id}
+    if diloco is not None:
+        checkpoint["diloco"] = diloco
     return checkpoint
 
 
 def checkpoint_epoch(checkpoint: dict) -> int:
-    """The collaborative epoch a checkpoint holds (the hivemind optimizer's local_epoch)."""
+    """The collaborative epoch a checkpoint holds (the hivemind optimizer's local_epoch; a DiLoCo run's round)."""
     try:
+        if isinstance(checkpoint.get("diloco"), dict):
+            return int(checkpoint["diloco"]["round"])
         return int(checkpoint["optimizer_states"][0]["state"]["local_epoch"])
     except (KeyError, IndexError, TypeError, ValueError) as exc:
         raise UserError("the checkpoint holds no collaborative epoch (optimizer_states[0].state.local_epoch); "

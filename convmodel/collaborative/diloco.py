@@ -20,6 +20,7 @@ What this does that OpenDiLoCo (open_diloco/hivemind_diloco.py) does not:
 
 import copy
 import hashlib
+import math
 import sys
 import threading
 from dataclasses import dataclass
@@ -29,6 +30,10 @@ import torch
 
 from convmodel.collaborative.nan_guard import all_finite
 
+#: a holder of the state that trains nothing (the auxiliary peer) offers it at round - HOLDER_PRIORITY_OFFSET: a
+#: trainer at the same round is preferred by joiners, and trainers tell holders' offers from trainers' (whole
+#: rounds) when they look for someone to average with
+HOLDER_PRIORITY_OFFSET = 0.5
 #: bytes per element the all-reduce sends, by compression name (uint8 adds a 256-entry codebook per part)
 _BYTES_PER_ELEMENT = {"none": 4, "fp16": 2, "uint8": 1, "size-adaptive": 1}
 
@@ -64,7 +69,8 @@ class OuterOptimizer:
                  compression: str = "fp16", averaging_timeout: float = 60.0, matchmaking_time: float = 5.0,
                  request_timeout: float = 3.0, next_chunk_timeout: float | None = None,
                  target_group_size: int | None = None,
-                 client_mode: bool | None = None, start: bool = True):
+                 client_mode: bool | None = None, start: bool = True, holder: bool = False,
+                 declaration_expiration: float = 60.0):
         from convmodel.collaborative.compression import build_compression
         from convmodel.collaborative.exact_allreduce import exact_averager_class
 
@@ -101,10 +107,51 @@ class OuterOptimizer:
         self._elements = sum(outer.numel() for outer in self.outer)
         self._lock = threading.Lock()  # the outer state, between a round and hivemind's state-serving thread
         self.averager.state_source = self._state_to_serve
+        #: a holder (`holder=True`) never ends a round: it serves only once it holds a real state (`serve`)
+        self.holder = holder
+        self.declaration_expiration = declaration_expiration
+        self._declared_until = -math.inf
         if start:
             self.averager.run_in_background(await_ready=True)
-            if not self.averager.client_mode:  # joiners download the outer state from the most advanced peer
-                self.averager.allow_state_sharing = True
+            if not holder:
+                self.serve()
+                self.declare()
+
+    def serve(self) -> None:
+        """Offer the outer state to joiners (the most advanced peer serves them), at this round's priority."""
+        if self.averager.client_mode:
+            return
+        self.averager.state_sharing_priority = self.round - (HOLDER_PRIORITY_OFFSET if self.holder else 0.0)
+        if not self.averager.allow_state_sharing:
+            self.averager.allow_state_sharing = True
+
+    def declare(self) -> None:
+        """A client-mode peer says that it trains in this run (renewed when half its expiration is gone: call it
+        every inner step). It cannot offer its state, so without this a server whose only partners are
+        client-mode peers would think it is alone and never average with them."""
+        from hivemind.utils import get_dht_time
+
+        if not self.averager.client_mode or self.holder:
+            return
+        now = get_dht_time()
+        if now < self._declared_until - self.declaration_expiration / 2:
+            return
+        self._declared_until = now + self.declaration_expiration
+        self.averager.dht.store(f"{self.averager.prefix}.clients", subkey=self.averager.peer_id.to_bytes(),
+                                value=self.round, expiration_time=self._declared_until, return_future=True)
+
+    def _goodbye(self) -> None:
+        """A client-mode peer that leaves takes its declaration back (its partners stop waiting for it at once)."""
+        from hivemind.utils import get_dht_time
+
+        if not self.averager.client_mode or self.holder or self._declared_until == -math.inf:
+            return
+        try:
+            self.averager.dht.store(f"{self.averager.prefix}.clients", subkey=self.averager.peer_id.to_bytes(),
+                                    value=None, expiration_time=get_dht_time() + self.declaration_expiration,
+                                    return_future=True).result(timeout=3.0)
+        except Exception:  # noqa: S110 (the declaration then expires on its own)
+            pass
 
     # ---- the round -----------------------------------------------------------------------------
 
@@ -157,7 +204,7 @@ class OuterOptimizer:
         repaired = not agreed and self._repair(self.round - 1)
         self._load_outer_into_params()  # also puts a peer whose weights went non-finite back on track
         if self.averager.allow_state_sharing:
-            self.averager.state_sharing_priority = self.round
+            self.serve()
         result = RoundResult(
             round=self.round - 1, peers=max(len(group), 1),
             samples=sum(float(data.get("samples", 0)) for data in group.values()) if group else weight,
@@ -166,11 +213,17 @@ class OuterOptimizer:
         return result
 
     def others_declared(self) -> bool:
-        """Whether another live peer of this run offers its outer state in the DHT. hivemind's averagers
-        re-declare every 30 s, so a killed peer's offer outlives it: `leave_out_dead_peers` leaves those out
-        after a failed round. A client-mode peer never offers, so one whose only partners are client-mode
-        sees none."""
-        return bool(self._declared_others())
+        """Whether another live training peer of this run offers its outer state in the DHT, or declares itself
+        in client mode (`declare`). hivemind's averagers re-declare every 30 s, so a killed peer's offer
+        outlives it: `leave_out_dead_peers` leaves those out after a failed round. A killed client-mode peer
+        (which answers no ping) counts until its declaration expires."""
+        return bool(self._declared_others()) or bool(self._declared_clients())
+
+    def _declared_clients(self) -> list[bytes]:
+        found = self.averager.dht.get(f"{self.averager.prefix}.clients", latest=True)
+        own = self.averager.peer_id.to_bytes()
+        entries = found.value if found is not None and isinstance(found.value, dict) else {}
+        return [key for key, entry in entries.items() if key != own and getattr(entry, "value", None) is not None]
 
     def _declared_others(self) -> dict[bytes, float]:
         """peer id -> expiration of its offer, for the other peers offering state and not found dead since."""
@@ -178,7 +231,7 @@ class OuterOptimizer:
         own = self.averager.peer_id.to_bytes()
         entries = found.value if found is not None and isinstance(found.value, dict) else {}
         others = {key: entry.expiration_time for key, entry in entries.items()
-                  if key != own and getattr(entry, "value", None) is not None}
+                  if key != own and is_trainer_offer(getattr(entry, "value", None))}
         return {key: expires for key, expires in others.items() if self.dead.get(key, -1.0) < expires}
 
     def leave_out_dead_peers(self) -> list[bytes]:
@@ -308,7 +361,7 @@ class OuterOptimizer:
         if into_params:
             self._load_outer_into_params()
         if self.averager.allow_state_sharing:
-            self.averager.state_sharing_priority = self.round
+            self.serve()
 
     @torch.no_grad()
     def reset_outer_to_params(self) -> None:
@@ -326,11 +379,13 @@ class OuterOptimizer:
             return {"round": self.round, "inner_step": self.inner_step, "momentum": [b is not None for b in buffers]}, \
                 tensors
 
-    def load_state_from_peers(self, timeout: float | None = None, only_ahead: bool = False) -> bool:
+    def load_state_from_peers(self, timeout: float | None = None, only_ahead: bool = False,
+                              max_round: float = math.inf) -> bool:
         """Take the outer state of the most advanced peer (a joiner; this peer keeps its outer_lr and momentum).
 
         Returns False, keeping this peer's state, when no peer answered, what it sent does not fit this model,
-        or (`only_ahead`: a peer resumed from a checkpoint) it is not further along than this peer.
+        (`only_ahead`: a peer resumed from a checkpoint) it is not further along than this peer, or its round
+        is above `max_round` (what the swarm's metrics records make plausible: plausibility.py).
         """
         loaded = self.averager.load_state_from_peers(timeout=timeout)
         if loaded is None:
@@ -349,6 +404,10 @@ class OuterOptimizer:
             return False
         if only_ahead and (metadata["round"], metadata.get("inner_step", 0)) <= (self.round, self.inner_step):
             return False
+        if metadata["round"] > max_round:
+            print(f"[convmodel] refused the DiLoCo state a peer sent: its round {metadata['round']} is implausible "
+                  f"(at most {max_round:.0f} now, from the swarm's metrics records)", file=sys.stderr, flush=True)
+            return False
         state = {i: {"momentum_buffer": tensors[count + i]} for i, has in enumerate(metadata["momentum"]) if has}
         self.load_state_dict({"round": metadata["round"], "inner_step": metadata.get("inner_step", 0),
                               "outer": tensors[:count],
@@ -357,5 +416,12 @@ class OuterOptimizer:
 
     def shutdown(self) -> None:
         if self.averager.is_alive():
+            self._goodbye()
             self.averager.shutdown()
 
+
+
+def is_trainer_offer(priority) -> bool:
+    """A state offer from a training peer: a whole round as its priority (a holder's is half a round lower;
+    None: not offering)."""
+    return isinstance(priority, int | float) and math.isfinite(priority) and float(priority).is_integer()

@@ -8,8 +8,12 @@ optimizer and schedule are the inner ones, stepped by Lightning every batch as i
     peer = DiLoCoPeer(options)
     peer.join(module.parameters())      # DHT + OuterOptimizer
     peer.catch_up(scheduler)            # a joiner takes the outer state, the round's step and the schedule's
-    for each inner step: peer.after_inner_step(samples)    # a RoundResult at the round's last one
+    for each inner step: peer.add_loss(loss); peer.after_inner_step(samples)  # a RoundResult at a round's end
     peer.leave()
+
+Like a synchronous peer it keeps a signed metrics record in the DHT (the round as its epoch, the
+loss summed over the round's steps: the auxiliary peer's monitor reads it) and, with status_file,
+the status file of Docker's health check.
 
 A joiner downloads the outer weights of the round under way and the server's step in it, so it
 ends that round with the others; it trained fewer steps from them, so it sends weight 0 there.
@@ -20,11 +24,14 @@ joiner too.
 import sys
 import time
 
+import torch
+
 from convmodel.collaborative.diloco import OuterOptimizer, RoundResult
 from convmodel.collaborative.exit_noise import ignore_pending_tasks_destroyed_after_leaving
 from convmodel.collaborative.signals import shielded_children
 from convmodel.collaborative.swarm_options import SwarmOptions
 from convmodel.collaborative.swarm_peer import SwarmPeer
+from convmodel.health import StatusFile, status_path
 
 
 class DiLoCoPeer:
@@ -40,6 +47,12 @@ class DiLoCoPeer:
         self.last: RoundResult | None = None
         self.bytes_sent = 0  # the all-reduce's share, estimated from the compression (received: the same)
         self._round_started = time.monotonic()
+        self.samples_contributed = 0
+        self._samples_per_second = 0.0  # this peer's, over its last round
+        self._loss_sum: torch.Tensor | None = None  # this round's losses (a tensor: no device sync per step)
+        self._mini_steps = 0
+        self._publisher = None  # MetricsPublisher, once caught up
+        self.status: StatusFile | None = None
 
     @property
     def dht(self):
@@ -55,7 +68,7 @@ class DiLoCoPeer:
                 compression=options.pseudo_gradient_compression, averaging_timeout=options.averaging_timeout,
                 matchmaking_time=options.matchmaking_time, request_timeout=options.request_timeout,
                 next_chunk_timeout=options.next_chunk_timeout, target_group_size=options.target_group_size,
-                client_mode=options.client_mode)
+                client_mode=options.client_mode, declaration_expiration=options.metadata_expiration)
         return self.optimizer
 
     # ---- joining and checkpoints ------------------------------------------------------------
@@ -76,6 +89,34 @@ class DiLoCoPeer:
             while scheduler.last_epoch < target:
                 scheduler.step()
         self._round_started = time.monotonic()
+        self._start_reporting()
+
+    def _start_reporting(self) -> None:
+        from convmodel.collaborative.publisher import MetricsPublisher
+
+        options = self.options
+        self._publisher = MetricsPublisher(self.dht, options.run_id, self._network.signer,
+                                           options.metadata_expiration)
+        self._publish()  # counted by the monitor from the start, not only after a round
+        self.status = StatusFile(status_path(options.status_file), "trainer", options.run_id)
+        self._write_status(joined=True)
+
+    def _publish(self) -> None:
+        """The record the monitor reads: the round this peer is in, its loss summed over the round that ended."""
+        if self._publisher is None:
+            return
+        self._publisher.publish(epoch=self.optimizer.round, samples_per_second=self._samples_per_second,
+                                samples_accumulated=self.samples_contributed,
+                                loss=float(self._loss_sum) if self._loss_sum is not None else None,
+                                mini_steps=self._mini_steps)
+        self._loss_sum, self._mini_steps = None, 0
+
+    def _write_status(self, joined: bool) -> None:
+        if self.status is None or self.status.path is None:
+            return
+        self.status.write(joined=joined, epoch=self.optimizer.round if self.optimizer is not None else None,
+                          peers=self.last.peers if self.last is not None else 1,
+                          peer_id=str(self.dht.peer_id) if self.dht is not None else None)
 
     def state_dict(self) -> dict:
         return {**self.optimizer.state_dict(), "samples_this_round": self.samples_this_round,
@@ -94,11 +135,18 @@ class DiLoCoPeer:
 
     # ---- stepping ---------------------------------------------------------------------------
 
+    def add_loss(self, loss: torch.Tensor) -> None:
+        loss = loss.detach().float().sum()
+        self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+        self._mini_steps += 1
+
     def after_inner_step(self, samples: int, lr: float | None = None) -> RoundResult | None:
         """Count one inner step of `samples`; at the round's last one, end the round (returns what it did)."""
         outer = self.optimizer
         self.samples_this_round += samples
+        self.samples_contributed += samples
         outer.inner_step += 1
+        outer.declare()  # a client-mode peer's "I train here", renewed when due
         if outer.inner_step < self.options.inner_steps:
             return None
         return self._end_round(0 if self.weightless_round else self.samples_this_round, lr)
@@ -109,9 +157,12 @@ class DiLoCoPeer:
         outer = self.optimizer
         alone = not outer.averager.client_mode and not outer.others_declared()
         result = outer.end_round(weight, average=not alone)
-        self.last, self.samples_this_round, self.weightless_round = result, 0, False
+        samples, self.last, self.samples_this_round, self.weightless_round = self.samples_this_round, result, 0, False
         self.bytes_sent += result.approx_bytes_sent
         seconds, self._round_started = time.monotonic() - self._round_started, time.monotonic()
+        self._samples_per_second = samples / max(seconds, 1e-9)
+        self._publish()
+        self._write_status(joined=True)
         notes = [f"{result.peers} peer{'s' if result.peers != 1 else ''}", f"{result.samples:g} samples",
                  f"{seconds:.2f} s", f"outer {outer.fingerprint()[:12]}"]
         if lr is not None:
@@ -147,6 +198,11 @@ class DiLoCoPeer:
     def leave(self) -> bool:
         """Stop the outer averager and the DHT (safe to call twice). Nothing to wait for: no round is under way
         between inner steps. Returns False (a Ctrl-C here is not caught: it ends the run at once)."""
+        self._write_status(joined=False)  # unhealthy from here: it is leaving
+        self.status = None
+        publisher, self._publisher = self._publisher, None
+        if publisher is not None:
+            publisher.close()  # the record then expires on its own
         outer, self.optimizer = self.optimizer, None
         if outer is not None:
             outer.shutdown()
@@ -157,4 +213,4 @@ class DiLoCoPeer:
         return False
 
     def stop_at_once(self) -> None:
-        self.leave()
+        self.leave()  # nothing in it waits for a round; the metrics record's last stores are bounded (5 s)

@@ -318,8 +318,8 @@ class HivemindStrategy(SingleDeviceStrategy):
         loss = output["loss"] if isinstance(output, dict) else output
         if isinstance(loss, torch.Tensor) and not torch.isfinite(loss.detach()).all():
             self._non_finite_loss = True
-        elif isinstance(loss, torch.Tensor) and not self.diloco:
-            self.peer.report.add_loss(loss)
+        elif isinstance(loss, torch.Tensor):
+            (self.peer.add_loss if self.diloco else self.peer.report.add_loss)(loss)
         module = self.lightning_module
         for name, value in self.peer.metrics().items():
             module.log(name, value, on_step=True, on_epoch=False, batch_size=1,

@@ -48,6 +48,11 @@ class SwarmPeer:
         self.resumed = False  # a checkpoint's optimizer state was loaded (its epoch is checked at catch_up)
         self.status = None  # StatusFile, once caught up (convmodel/health.py: a container's health check)
 
+    @property
+    def signer(self):
+        """The RSA signature validator this peer signs its metrics record with (once the DHT started)."""
+        return self._signer
+
     # ---- joining ------------------------------------------------------------------------------
 
     def start_dht(self, extra_validators: list = ()) -> None:

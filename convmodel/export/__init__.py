@@ -92,7 +92,7 @@ def export_model(
     check_not_inside(output_dir, overwrite, {"--ckpt_path": ckpt_path, "the tokenizer": tokenizer_path})
     hf_tokenizer = load_matching_tokenizer(tokenizer_path, checkpoint, tokenizer is not None)
 
-    module = load_module(module_class, ckpt_path, tokenizer_path)
+    module = load_module(module_class, ckpt_path, tokenizer_path, checkpoint)
     model = prepare_model(module, hf_tokenizer, dtype)
     fit_tokenizer(hf_tokenizer, module)
     summary = training_summary(checkpoint, run_config, f"{module_class.__module__}.{module_class.__name__}")

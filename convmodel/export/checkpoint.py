@@ -172,10 +172,14 @@ def load_matching_tokenizer(path: str, checkpoint: dict, overridden: bool):
     return hf_tokenizer
 
 
-def load_module(module_class: type, ckpt_path: str, tokenizer_path: str):
-    """The module rebuilt from its hyperparameters (tokenizer found above) with the trained weights."""
+def load_module(module_class: type, ckpt_path: str, tokenizer_path: str, checkpoint: dict | None = None):
+    """The module rebuilt from its hyperparameters (tokenizer found above) with the trained weights.
+
+    A DiLoCo trainer's checkpoint (`checkpoint["diloco"]`) taken mid-round holds the peer's own inner
+    weights in its state_dict; the swarm's model is the outer weights, which replace them.
+    """
     try:
-        return module_class.load_from_checkpoint(ckpt_path, map_location="cpu", tokenizer=tokenizer_path)
+        module = module_class.load_from_checkpoint(ckpt_path, map_location="cpu", tokenizer=tokenizer_path)
     except Exception as exc:  # jsonargparse (LightningCLI's instantiator) wraps our UserErrors
         cause: BaseException | None = exc
         while cause is not None and not isinstance(cause, UserError):
@@ -183,3 +187,21 @@ def load_module(module_class: type, ckpt_path: str, tokenizer_path: str):
         if cause is None:
             raise
         raise cause from None
+    diloco = (checkpoint or {}).get("diloco")
+    outer = diloco.get("outer") if isinstance(diloco, dict) else None
+    if outer is not None:
+        load_outer_weights(module, outer, ckpt_path)
+    return module
+
+
+def load_outer_weights(module, outer: list, ckpt_path: str) -> None:
+    """DiLoCo's outer weights, saved in the order of `module.parameters()`, into the module's parameters."""
+    import torch
+
+    params = list(module.parameters())
+    if len(params) != len(outer) or any(tuple(p.shape) != tuple(o.shape) for p, o in zip(params, outer)):
+        raise UserError(f"--ckpt_path {ckpt_path}: its DiLoCo outer weights (diloco.outer, {len(outer)} tensors) do "
+                        f"not fit the model's {len(params)} parameters; was it written by another version?")
+    with torch.no_grad():
+        for param, weight in zip(params, outer, strict=True):
+            param.copy_(weight)
