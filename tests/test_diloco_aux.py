@@ -4,7 +4,8 @@ configs/collaborative/bert-tiny-diloco.yaml at test size (test_diloco_swarm.py's
 trainer and a client-mode trainer average every round (the server sees the client through its
 declaration: a client cannot offer its state); the auxiliary peer monitors both from their metrics
 records, stores the outer state as checkpoints and serves it: a trainer that starts when only the
-auxiliary peer is up begins at the round it holds, and the stored checkpoint exports.
+auxiliary peer is up begins at the round it holds; the stored checkpoint exports, and its validation
+loss is below the untrained model's.
 """
 
 import json
@@ -18,7 +19,7 @@ import torch
 pytest.importorskip("hivemind")
 
 from test_aux_peer import STORED, AuxPeer, swarm_scalars  # noqa: E402
-from test_collaborative import STARTUP_S, Peer, shards, wait_for_file  # noqa: E402, F401
+from test_collaborative import STARTUP_S, Peer, shards, validation_loss, wait_for_file  # noqa: E402, F401
 from test_diloco_swarm import diloco_args, rounds  # noqa: E402
 
 from convmodel.collaborative.checkpoint_store import LATEST, checkpoint_epoch  # noqa: E402
@@ -95,3 +96,13 @@ def test_aux_peer_stores_and_serves_a_diloco_run_that_a_client_mode_peer_average
     name = "model.bert.embeddings.word_embeddings.weight"  # the first parameter: outer[0]
     torch.testing.assert_close(stored["diloco"]["outer"][0], stored["state_dict"][name])
     torch.testing.assert_close(exported.bert.embeddings.word_embeddings.weight, stored["state_dict"][name])
+
+    # the swarm learned: the stored outer weights' validation loss is below the same model untrained (~ln(vocab))
+    from convmodel.models import BertPretraining
+
+    trained = BertPretraining.load_from_checkpoint(ckpts / LATEST, map_location="cpu", tokenizer=tokenizer_dir)
+    hparams = {k: v for k, v in stored["hyper_parameters"].items() if not k.startswith("_")}
+    torch.manual_seed(0)
+    untrained = BertPretraining(**{**hparams, "tokenizer": tokenizer_dir})
+    before, after = validation_loss(untrained, shards, tokenizer_dir), validation_loss(trained, shards, tokenizer_dir)
+    assert after < 0.93 * before, (before, after)
