@@ -166,3 +166,54 @@ def test_diloco_refuses_the_synchronous_optimizer_switches_and_bad_values_in_one
         assert part in message, message
     with pytest.raises(UserError, match="algorithm must be one of synchronous, diloco"):
         SwarmOptions(algorithm="dilocoo").check()
+
+
+XLARGE = REPO / "configs" / "collaborative" / "lean-albert-xlarge-diloco.yaml"
+
+
+@pytest.mark.timeout(400)
+def test_two_peers_train_with_the_xlarge_diloco_configs_options(shards, tokenizer_dir, tmp_path):  # noqa: F811
+    """configs/collaborative/lean-albert-xlarge-diloco.yaml at tiny size: 8-bit LAMB inner steps in bf16-mixed,
+    accumulating 2 batches and clipped, size-adaptive pseudo-gradients (the GEGLU matrix in 8 bits), on
+    127.0.0.1 without the internet options. The two peers pair with the same outer weights and inner lr, and
+    every parameter moves: each outer momentum buffer is non-zero."""
+    from test_collaborative_production import TINY_ALBERT
+
+    loopback = dict(host_maddrs=["/ip4/127.0.0.1/tcp/0"], use_relay=False, use_auto_relay=False, nat_port_map=False,
+                    auto_nat=False, bootstrap_timeout=30.0)
+
+    def args(**strategy) -> list[str]:
+        return [*collaborative_run_args(XLARGE, TINY_ALBERT, shards, tokenizer_dir,
+                                        **{**DILOCO, **loopback, "inner_steps": 3, **strategy}),
+                "--data.objective", "mlm", "--data.whole_word_mask", "false", "--data.num_workers", "0",
+                "--trainer.accelerator", "cpu", "--trainer.accumulate_grad_batches", "2",
+                "--trainer.limit_val_batches", "2", "--model.init_args.total_steps", "100000",
+                "--trainer.max_steps", "1000000"]
+
+    first = second = None
+    try:
+        first = Peer(tmp_path / "first", args(peers_file="peers.txt"))
+        address = wait_for_file(tmp_path / "first" / "peers.txt", first, STARTUP_S).split()[0]
+        second = Peer(tmp_path / "second", args(initial_peers=[address]))
+        joined = int(second.wait_for(r"DiLoCo: joined at round (\d+)", STARTUP_S).group(1))
+        second.wait_for_condition(lambda: max(rounds(second), default=-1) >= joined + PAIRED - 1, 180,
+                                  f"{PAIRED} rounds together")
+        for peer in (second, first):
+            os.kill(peer.process.pid, signal.SIGINT)
+        for peer in (second, first):
+            assert peer.wait_exit(90) == 0, peer.output()[-4000:]
+    finally:
+        for peer in (first, second):
+            if peer is not None:
+                peer.kill()
+    ours, theirs = rounds(first), rounds(second)
+    both = [n for n in sorted(set(ours) & set(theirs)) if n > joined]
+    assert len(both) >= PAIRED - 1, (ours, theirs)
+    for number in both:
+        assert ours[number][0] == theirs[number][0] == 2, (number, ours[number], theirs[number])
+        assert ours[number][2] == theirs[number][2], f"round {number}: the outer weights differ"
+        assert ours[number][3] == pytest.approx(theirs[number][3]), f"round {number}: the inner lr differs"
+    state = checkpoint(second)["diloco"]
+    momenta = [entry["momentum_buffer"] for entry in state["optimizer"]["state"].values()]
+    assert len(momenta) == len(state["outer"])
+    assert all(bool(m.abs().sum() > 0) for m in momenta), "a parameter never moved"
