@@ -1,10 +1,11 @@
 """HivemindStrategy: the same LightningModule trains alone or in a hivemind swarm.
 
 Swapping `trainer.strategy` for this class is the whole difference. The strategy is the
-Lightning side only: it checks that the trainer fits a swarm (one device, no loss scaler), hands
-the module's own optimizer and schedule (`configure_optimizers`) to a SwarmPeer (swarm_peer.py:
-DHT, hivemind.Optimizer, joining, the NaN guard, the epoch report) at `setup_optimizers`, joins
-the swarm's state before the first step, counts each batch's samples, and leaves in `teardown`.
+Lightning side only: it checks that the trainer fits a swarm (one device), hands 16-mixed's loss
+scaler (loss_scaling.py) and the module's own optimizer and schedule (`configure_optimizers`) to
+a SwarmPeer (swarm_peer.py: DHT, hivemind.Optimizer, joining, the NaN guard, the epoch report) at
+`setup_optimizers`, joins the swarm's state before the first step, counts each batch's samples,
+and leaves in `teardown`.
 
 `algorithm: diloco` swaps the SwarmPeer for a DiLoCoPeer (diloco_peer.py): Lightning then steps the
 module's optimizer and schedule every batch as in a local run, and every `inner_steps` of them the
@@ -25,6 +26,7 @@ from typing_extensions import override
 
 from convmodel.collaborative.compression import CompressionName
 from convmodel.collaborative.diloco_peer import DiLoCoPeer
+from convmodel.collaborative.loss_scaling import swarm_loss_scaler
 from convmodel.collaborative.optimizer_rebuild import rebuild_optimizer
 from convmodel.collaborative.run_identity import check_checkpoint_run, record_run
 from convmodel.collaborative.signals import StopOnSignal, restore_handlers
@@ -201,9 +203,8 @@ class HivemindStrategy(SingleDeviceStrategy):
         if self.diloco:  # the inner steps are a local run's: Lightning's scaler, bf16 weights copied to fp32 outer ones
             super().setup(trainer)
             return
-        if scaler is not None:
-            raise UserError("trainer.precision: 16-mixed needs a loss scaler that hivemind does not share with "
-                            "Lightning yet; use precision: bf16-mixed (or 32)")
+        if scaler is not None:  # 16-mixed: unscaled before hivemind accumulates a step (loss_scaling.py)
+            self.peer.loss_scaler = swarm_loss_scaler(self.precision_plugin, self.options)
         if getattr(self.precision_plugin, "precision", None) == "bf16-true":
             # hivemind's fp16 compression and its uncompressed format refuse bfloat16 tensors
             raise UserError("trainer.precision: bf16-true keeps parameters and gradients in bfloat16, which "
@@ -335,12 +336,13 @@ class HivemindStrategy(SingleDeviceStrategy):
         # run forward/backward ourselves: Lightning's precision plugin would clip each local
         # gradient, and clipping belongs to the swarm's averaged gradient (see optimizer_rebuild.py)
         closure_result = closure()
+        overflow = self.peer.unscale_gradients()  # 16-mixed: the hooks below see unscaled gradients, as in Lightning
         trainer = self.lightning_module.trainer
         call._call_callback_hooks(trainer, "on_before_optimizer_step", optimizer)
         call._call_lightning_module_hook(trainer, "on_before_optimizer_step", optimizer)
         samples, self._samples_since_step = self._samples_since_step, 0
         loss_finite, self._non_finite_loss = not self._non_finite_loss, False
-        if self.peer.step(samples, loss_finite):
+        if self.peer.step(samples, loss_finite, overflow):
             trainer.should_stop = True
             last = self.options.max_collaborative_epochs
             self.end_reached = f"collaborative epoch {last} (trainer.strategy.init_args.max_collaborative_epochs)"
