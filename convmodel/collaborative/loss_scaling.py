@@ -24,7 +24,7 @@ import sys
 
 import torch
 
-from convmodel.collaborative.nan_guard import drop_local_gradients, grads_finite
+from convmodel.collaborative.nan_guard import all_finite, drop_local_gradients
 from convmodel.collaborative.swarm_options import OPTION, SwarmOptions
 from convmodel.errors import UserError
 
@@ -53,9 +53,14 @@ class SwarmLossScaler:
         """After backward: unscale this local step's gradients (or, reused, only check them); True on inf/NaN."""
         if self.in_hivemind_step:
             return not self.scaler.are_grads_finite(opt)  # records the check for update()
-        self._gradients.param_groups = [{"params": list(opt.state_averager.main_parameters)}]
-        self.scaler.unscale_(self._gradients)  # in place; an inf or NaN stays one
-        return not grads_finite(opt)
+        return self.overflowed_params(list(opt.state_averager.main_parameters))
+
+    def overflowed_params(self, params: list[torch.Tensor]) -> bool:
+        """Unscale these parameters' gradients in place (torch's scaler); True when one is inf/NaN. Every rank of a
+        peer with several devices calls it on the same averaged gradients, so their scales stay equal."""
+        self._gradients.param_groups = [{"params": params}]
+        self.scaler.unscale_(self._gradients)  # an inf or NaN stays one
+        return not all_finite([p.grad for p in params if p.grad is not None])
 
     def step_arguments(self) -> dict:
         """Extra arguments of hivemind.Optimizer.step: its GradScaler unscales the summed buffers itself."""
@@ -63,13 +68,13 @@ class SwarmLossScaler:
 
     def drop(self, opt) -> None:
         """An overflow: this local step's gradients never count (update() then lowers the scale)."""
-        self.overflows += 1
         drop_local_gradients(opt, self.in_hivemind_step)
 
-    def update(self, overflowed: bool) -> None:
+    def update(self, overflowed: bool, announce: bool = True) -> None:
         """Once per local step, after the step or the drop: the scale falls after an overflow, may grow after none."""
         self.scaler.update()
-        if overflowed:
+        self.overflows += int(overflowed)
+        if overflowed and announce:
             print(f"[convmodel] fp16 gradients overflowed: skipped a local step, loss scale now {self.scale:g} "
                   f"(total {self.overflows})", file=sys.stderr, flush=True)
 
