@@ -194,11 +194,12 @@ def test_run_id_with_a_dot_is_one_error(shards, tokenizer_dir, capsys):
 
 
 @pytest.mark.timeout(60)
-def test_two_devices_per_peer_is_one_error(shards, tokenizer_dir, capsys, tmp_path, monkeypatch):
+def test_two_devices_with_reused_gradient_buffers_is_one_error(shards, tokenizer_dir, capsys, tmp_path, monkeypatch):
+    # refused when the Trainer is built, before a second rank is started (tests/test_swarm_local_ranks.py trains two)
     monkeypatch.chdir(tmp_path)
-    err = run_cli_error([*peer_args(shards, tokenizer_dir), "--trainer.accelerator", "cpu",
+    err = run_cli_error([*peer_args(shards, tokenizer_dir, reuse_grad_buffers=True), "--trainer.accelerator", "cpu",
                          "--trainer.devices", "2"], capsys)
-    assert "trainer.devices" in err and "one device per peer" in err
+    assert "trainer.devices: 2 devices in one peer: reuse_grad_buffers" in err and "set trainer.devices: 1" in err
 
 
 @pytest.mark.timeout(120)

@@ -34,6 +34,17 @@ def wait_for_delayed_updates(opt) -> None:
         opt.state_averager.step(wait_for_delayed_updates=True)
 
 
+def drop_local_gradients(opt, reuse_grad_buffers: bool) -> None:
+    """Zero this local step's gradients; reused buffers hold the epoch's sum, so this peer's epoch starts over."""
+    with torch.no_grad():
+        for p in main_params(opt):
+            if p.grad is not None:
+                p.grad.zero_()
+    if reuse_grad_buffers:
+        opt.grad_averager.reset_accumulated_grads_()
+        opt.tracker.report_local_progress(opt.local_epoch, opt.grad_averager.local_samples_accumulated)
+
+
 def params_finite(opt) -> bool:
     return all_finite(main_params(opt))
 
@@ -56,13 +67,7 @@ class NanGuard:
         self.skipped_steps += 1
         print(f"[convmodel] non-finite loss or gradients: skipped a local step (total {self.skipped_steps})",
               file=sys.stderr, flush=True)
-        with torch.no_grad():
-            for p in main_params(opt):
-                if p.grad is not None:
-                    p.grad.zero_()
-        if self.reuse_grad_buffers:
-            opt.grad_averager.reset_accumulated_grads_()
-            opt.tracker.report_local_progress(opt.local_epoch, opt.grad_averager.local_samples_accumulated)
+        drop_local_gradients(opt, self.reuse_grad_buffers)
 
     def after_epoch(self, opt) -> None:
         """At a new collaborative epoch: restore if the step made parameters non-finite, else maybe back up."""

@@ -1,10 +1,11 @@
 """HivemindStrategy: the same LightningModule trains alone or in a hivemind swarm.
 
 Swapping `trainer.strategy` for this class is the whole difference. The strategy is the
-Lightning side only: it checks that the trainer fits a swarm (one device, no loss scaler), hands
-the module's own optimizer and schedule (`configure_optimizers`) to a SwarmPeer (swarm_peer.py:
-DHT, hivemind.Optimizer, joining, the NaN guard, the epoch report) at `setup_optimizers`, joins
-the swarm's state before the first step, counts each batch's samples, and leaves in `teardown`.
+Lightning side only: it checks that the trainer fits a swarm (one device), hands 16-mixed's loss
+scaler (loss_scaling.py) and the module's own optimizer and schedule (`configure_optimizers`) to
+a SwarmPeer (swarm_peer.py: DHT, hivemind.Optimizer, joining, the NaN guard, the epoch report) at
+`setup_optimizers`, joins the swarm's state before the first step, counts each batch's samples,
+and leaves in `teardown`.
 
 `algorithm: diloco` swaps the SwarmPeer for a DiLoCoPeer (diloco_peer.py): Lightning then steps the
 module's optimizer and schedule every batch as in a local run, and every `inner_steps` of them the
@@ -25,7 +26,10 @@ from typing_extensions import override
 
 from convmodel.collaborative.compression import CompressionName
 from convmodel.collaborative.diloco_peer import DiLoCoPeer
+from convmodel.collaborative.local_ranks import ParameterVersion
+from convmodel.collaborative.loss_scaling import swarm_loss_scaler
 from convmodel.collaborative.optimizer_rebuild import rebuild_optimizer
+from convmodel.collaborative.rank_strategy import LocalRanksMixin
 from convmodel.collaborative.run_identity import check_checkpoint_run, record_run
 from convmodel.collaborative.signals import StopOnSignal, restore_handlers
 from convmodel.collaborative.swarm_options import SwarmOptions
@@ -35,7 +39,7 @@ from convmodel.errors import UserError
 __all__ = ["HivemindStrategy", "rebuild_optimizer"]  # rebuild_optimizer: imported from here by older code
 
 
-class HivemindStrategy(SingleDeviceStrategy):
+class HivemindStrategy(LocalRanksMixin, SingleDeviceStrategy):
     """Train in a hivemind swarm: peers average gradients until they have `target_batch_size` samples.
 
     Args:
@@ -146,8 +150,13 @@ class HivemindStrategy(SingleDeviceStrategy):
         target_group_size: int | None = None,
     ):
         super().__init__(device="cpu")
-        # filled in by Lightning's accelerator connector from trainer.accelerator/devices
+        # filled in by Lightning's accelerator connector from trainer.accelerator/devices (and the cluster
+        # environment, read with several devices: rank_strategy.py)
         self.parallel_devices: list[torch.device] | None = None
+        self.cluster_environment = None
+        self.ranks = None  # LocalRanks, with several devices once the process group is up (local_ranks.py)
+        self._version: ParameterVersion | None = None  # rank 0 of several: when to send the parameters
+        self._stop_asked = False  # several devices: a signal asks; the ranks stop together at a step's end
         given = locals()
         self.options = SwarmOptions(**{option.name: given[option.name] for option in fields(SwarmOptions)})
         self.diloco = algorithm == "diloco"
@@ -176,20 +185,11 @@ class HivemindStrategy(SingleDeviceStrategy):
 
     # ---- devices ------------------------------------------------------------------------------
 
-    @property
-    @override
-    def root_device(self) -> torch.device:
-        return self.parallel_devices[0] if self.parallel_devices else self._root_device
-
     @override
     def setup_environment(self) -> None:
         self.options.check()  # every option problem in one message, before anything starts
-        devices = self.parallel_devices or []
-        if len(devices) > 1:
-            raise UserError(
-                f"trainer.devices: HivemindStrategy trains on one device per peer, but {len(devices)} were asked "
-                f"({', '.join(map(str, devices))}); set trainer.devices: 1 and start one peer per GPU "
-                "(e.g. CUDA_VISIBLE_DEVICES=1 with its own identity_path)")
+        if self.several_devices:
+            self.start_ranks(self.options)
         super().setup_environment()
 
     @override
@@ -201,9 +201,8 @@ class HivemindStrategy(SingleDeviceStrategy):
         if self.diloco:  # the inner steps are a local run's: Lightning's scaler, bf16 weights copied to fp32 outer ones
             super().setup(trainer)
             return
-        if scaler is not None:
-            raise UserError("trainer.precision: 16-mixed needs a loss scaler that hivemind does not share with "
-                            "Lightning yet; use precision: bf16-mixed (or 32)")
+        if scaler is not None:  # 16-mixed: unscaled before hivemind accumulates a step (loss_scaling.py)
+            self.peer.loss_scaler = swarm_loss_scaler(self.precision_plugin, self.options)
         if getattr(self.precision_plugin, "precision", None) == "bf16-true":
             # hivemind's fp16 compression and its uncompressed format refuse bfloat16 tensors
             raise UserError("trainer.precision: bf16-true keeps parameters and gradients in bfloat16, which "
@@ -218,6 +217,11 @@ class HivemindStrategy(SingleDeviceStrategy):
         super().setup_optimizers(trainer)  # the module's configure_optimizers: one optimizer, one schedule
         if self.diloco:
             self._join_diloco()
+            return
+        if self.ranks is not None and not self.ranks.is_main:  # its optimizer is never stepped: rank 0 steps the swarm
+            self._stop_on_signal.install(previous={number: signal.getsignal(number)
+                                                   for number in self._stop_on_signal.signals})
+            self.lr_scheduler_configs = []
             return
         if len(self.optimizers) != 1:
             raise UserError(f"HivemindStrategy needs exactly one optimizer from configure_optimizers, got "
@@ -237,6 +241,8 @@ class HivemindStrategy(SingleDeviceStrategy):
         # hivemind steps the schedule once per collaborative epoch; Lightning must not step it per batch
         self.optimizers = [self.peer.optimizer]
         self.lr_scheduler_configs = []
+        if self.ranks is not None:
+            self._version = ParameterVersion(self.peer)
 
     def _join_diloco(self) -> None:
         """The module's optimizer and schedule stay Lightning's (the inner ones); the peer adds the outer loop."""
@@ -261,7 +267,12 @@ class HivemindStrategy(SingleDeviceStrategy):
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         if trainer is None:
             return False
-        trainer.should_stop = True
+        if self.ranks is None:
+            trainer.should_stop = True
+        else:  # every rank got it, each at its own moment: they agree at a step's end (local_ranks.py)
+            self._stop_asked = True
+            if not self.ranks.is_main:
+                return True
         name, again = ("Ctrl-C", "Ctrl-C again") if signum == signal.SIGINT else (signal.Signals(signum).name,
                                                                                   "a second signal")
         print(f"[convmodel] {name}: leaving the swarm after this step ({again} to stop at once)",
@@ -277,6 +288,8 @@ class HivemindStrategy(SingleDeviceStrategy):
     @override
     def load_optimizer_state_dict(self, checkpoint) -> None:
         check_checkpoint_run(checkpoint, self.options.run_id)
+        if self.ranks is not None and not self.ranks.is_main:
+            return  # the swarm's optimizer state is rank 0's; this rank's optimizer is never stepped
         super().load_optimizer_state_dict(checkpoint)
         if self.diloco:
             self.peer.load_state_dict(checkpoint.get("diloco"))
@@ -302,13 +315,17 @@ class HivemindStrategy(SingleDeviceStrategy):
             self.peer.catch_up(self.lr_scheduler_configs[0].scheduler if self.lr_scheduler_configs else None)
         elif self.peer.optimizer is not None:
             self.peer.catch_up()
+        if self.ranks is not None:
+            self._sync_parameters(force=True)  # every rank starts from rank 0's parameters (its download included)
 
     # ---- stepping ------------------------------------------------------------------------------
 
     @override
     def training_step(self, *args: Any, **kwargs: Any):
+        if self.ranks is not None:
+            self._sync_parameters()  # what changed on rank 0 since the last step (a checkpoint's wait) arrives first
         output = super().training_step(*args, **kwargs)
-        if self.peer.optimizer is None:
+        if self.peer.optimizer is None and self.ranks is None:
             return output
         batch = args[0] if args else kwargs.get("batch")
         try:
@@ -318,8 +335,12 @@ class HivemindStrategy(SingleDeviceStrategy):
         loss = output["loss"] if isinstance(output, dict) else output
         if isinstance(loss, torch.Tensor) and not torch.isfinite(loss.detach()).all():
             self._non_finite_loss = True
-        elif isinstance(loss, torch.Tensor):
-            (self.peer.add_loss if self.diloco else self.peer.report.add_loss)(loss)
+        elif isinstance(loss, torch.Tensor) and self.diloco:
+            self.peer.add_loss(loss)
+        elif isinstance(loss, torch.Tensor) and self.peer.report is not None:
+            self.peer.report.add_loss(loss)
+        if self.peer.optimizer is None:
+            return output
         module = self.lightning_module
         for name, value in self.peer.metrics().items():
             module.log(name, value, on_step=True, on_epoch=False, batch_size=1,
@@ -328,6 +349,8 @@ class HivemindStrategy(SingleDeviceStrategy):
 
     @override
     def optimizer_step(self, optimizer, closure: Callable[[], Any], model=None, **kwargs: Any) -> Any:
+        if self.ranks is not None:
+            return self._ranks_step(optimizer, closure)
         if self.peer.optimizer is None:
             return super().optimizer_step(optimizer, closure, model, **kwargs)
         if self.diloco:
@@ -335,16 +358,53 @@ class HivemindStrategy(SingleDeviceStrategy):
         # run forward/backward ourselves: Lightning's precision plugin would clip each local
         # gradient, and clipping belongs to the swarm's averaged gradient (see optimizer_rebuild.py)
         closure_result = closure()
+        overflow = self.peer.unscale_gradients()  # 16-mixed: the hooks below see unscaled gradients, as in Lightning
         trainer = self.lightning_module.trainer
         call._call_callback_hooks(trainer, "on_before_optimizer_step", optimizer)
         call._call_lightning_module_hook(trainer, "on_before_optimizer_step", optimizer)
         samples, self._samples_since_step = self._samples_since_step, 0
         loss_finite, self._non_finite_loss = not self._non_finite_loss, False
-        if self.peer.step(samples, loss_finite):
+        if self.peer.step(samples, loss_finite, overflow):
             trainer.should_stop = True
             last = self.options.max_collaborative_epochs
             self.end_reached = f"collaborative epoch {last} (trainer.strategy.init_args.max_collaborative_epochs)"
         return closure_result
+
+    def _ranks_step(self, optimizer, closure: Callable[[], Any]) -> Any:
+        """One local step of a peer with several devices (local_ranks.py): average the ranks' gradients, agree on
+        samples, non-finite losses and stopping, rank 0 steps the swarm, changed parameters go to every rank."""
+        closure_result = closure()
+        module, ranks, scaler = self.lightning_module, self.ranks, self.peer.loss_scaler
+        trainer = module.trainer
+        params = [p for p in module.parameters() if p.requires_grad]
+        ranks.average_gradients(params)
+        overflow = scaler.overflowed_params(params) if scaler is not None else False  # alike: the same gradients
+        call._call_callback_hooks(trainer, "on_before_optimizer_step", optimizer)
+        call._call_lightning_module_hook(trainer, "on_before_optimizer_step", optimizer)
+        samples, non_finite, stop = ranks.agree(self._samples_since_step, self._non_finite_loss,
+                                                self._stop_asked or trainer.should_stop)
+        self._samples_since_step, self._non_finite_loss = 0, False
+        finished = False
+        if ranks.is_main:
+            finished = self.peer.step(samples, not non_finite, overflow)
+        elif scaler is not None:
+            scaler.update(overflowed=overflow and not non_finite, announce=False)
+        finished, stop = self._sync_parameters(False, finished, stop or finished)
+        if stop:
+            trainer.should_stop = True
+        if finished:
+            last = self.options.max_collaborative_epochs
+            self.end_reached = f"collaborative epoch {last} (trainer.strategy.init_args.max_collaborative_epochs)"
+        return closure_result
+
+    def _sync_parameters(self, force: bool = False, *flags: bool) -> list[bool]:
+        """Rank 0 says whether its parameters changed (and `flags`); when they did, every rank takes them."""
+        changed = self._version.changed() if self._version is not None else False
+        changed, *flags = self.ranks.decide(changed or force, *flags)
+        if changed:
+            module = self.lightning_module
+            self.ranks.broadcast_tensors([*module.parameters(), *module.buffers()])
+        return flags
 
     def _inner_step(self, optimizer, closure: Callable[[], Any], model=None, **kwargs: Any) -> Any:
         """Lightning's own step (clipping and precision as in a local run), then DiLoCo's count of it."""
@@ -378,6 +438,9 @@ class HivemindStrategy(SingleDeviceStrategy):
             cut_short = self.peer.leave()  # bounded; a Ctrl-C while it waits stops at once
         self._stop_on_signal.restore()
         super().teardown()
+        if self.ranks is not None:  # after fit the ranks go their own ways: no collective waits for another
+            self.ranks = None
+            self.cluster_environment.teardown()
         if cut_short:  # Lightning's interrupt path: RunCheckpoint says what last.ckpt holds, the CLI exits 130
             raise KeyboardInterrupt("Ctrl-C during the goodbye")
 

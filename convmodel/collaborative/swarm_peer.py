@@ -41,6 +41,8 @@ class SwarmPeer:
         self.peer_addresses: list[str] = []
         self.guard = NanGuard(options.backup_every_epochs, options.reuse_grad_buffers)
         self.report = None  # EpochReport, once joined
+        #: SwarmLossScaler under precision 16-mixed (loss_scaling.py), set by the strategy before joining
+        self.loss_scaler = None
         #: hivemind processes on this peer's DHT besides the optimizer's averagers (the auxiliary peer's own
         #: state averager): stopped with them when the peer stops at once
         self.companions: list = []
@@ -193,20 +195,36 @@ class SwarmPeer:
 
     # ---- stepping ------------------------------------------------------------------------------
 
-    def step(self, samples: int, loss_finite: bool = True) -> bool:
+    def unscale_gradients(self) -> bool:
+        """Under a loss scaler, right after backward: unscale this step's gradients; True when fp16 overflowed.
+
+        Without one, nothing to do (False). The result goes to `step` as its `overflow`.
+        """
+        return self.loss_scaler is not None and self.loss_scaler.overflowed(self.optimizer)
+
+    def step(self, samples: int, loss_finite: bool = True, overflow: bool | None = None) -> bool:
         """This local step's gradients (in the parameters' .grad) count toward the swarm's next epoch.
 
-        Non-finite loss or gradients skip the step. Returns True once the swarm has reached
-        max_collaborative_epochs (with the last step's delayed updates applied).
+        Non-finite loss or gradients skip the step (a NaN event, nan_guard.py). Under a loss scaler,
+        `overflow` (from `unscale_gradients`, called here when None) with a finite loss skips it as fp16's
+        ordinary overflow: the scale falls, nothing is counted as a NaN event and no backup is restored.
+        Returns True once the swarm has reached max_collaborative_epochs (with the last step's delayed
+        updates applied).
         """
-        opt = self.optimizer
-        if not loss_finite or not grads_finite(opt):
+        opt, scaler = self.optimizer, self.loss_scaler
+        if overflow is None:
+            overflow = self.unscale_gradients()
+        if not loss_finite or (not overflow and not grads_finite(opt)):
             self.guard.skip_step(opt)
             if not params_finite(opt):
                 self.guard.restore(opt)
+        elif overflow:
+            scaler.drop(opt)
         else:
-            opt.step(batch_size=max(samples, 1))
+            opt.step(batch_size=max(samples, 1), **(scaler.step_arguments() if scaler is not None else {}))
             self.report.samples_contributed += samples
+        if scaler is not None:
+            scaler.update(overflowed=overflow and loss_finite)
         if not self.report.new_epoch(opt):
             self._write_status(at_once=False)
             return False
@@ -242,7 +260,11 @@ class SwarmPeer:
 
     def metrics(self) -> dict[str, float]:
         """The collab/* scalars for this local step."""
-        return self.report.values(self.optimizer, self.guard.skipped_steps)
+        values = self.report.values(self.optimizer, self.guard.skipped_steps)
+        if self.loss_scaler is not None:
+            values["collab/loss_scale"] = self.loss_scaler.scale
+            values["collab/fp16_overflows"] = float(self.loss_scaler.overflows)
+        return values
 
     # ---- leaving -----------------------------------------------------------------------------------
 
