@@ -1,7 +1,8 @@
 """HivemindStrategy: the same LightningModule trains alone or in a hivemind swarm.
 
 Swapping `trainer.strategy` for this class is the whole difference. The strategy is the
-Lightning side only: it checks that the trainer fits a swarm (one device), hands 16-mixed's loss
+Lightning side only: it checks that the trainer fits a swarm (one machine; several devices there
+train as local ranks of one peer, rank_strategy.py), hands 16-mixed's loss
 scaler (loss_scaling.py) and the module's own optimizer and schedule (`configure_optimizers`) to
 a SwarmPeer (swarm_peer.py: DHT, hivemind.Optimizer, joining, the NaN guard, the epoch report) at
 `setup_optimizers`, joins the swarm's state before the first step, counts each batch's samples,
