@@ -28,12 +28,9 @@ from typing import Any
 
 import torch
 
+from convmodel.collaborative.diloco_partners import HOLDER_PRIORITY_OFFSET, RoundPartners
 from convmodel.collaborative.nan_guard import all_finite
 
-#: a holder of the state that trains nothing (the auxiliary peer) offers it at round - HOLDER_PRIORITY_OFFSET: a
-#: trainer at the same round is preferred by joiners, and trainers tell holders' offers from trainers' (whole
-#: rounds) when they look for someone to average with
-HOLDER_PRIORITY_OFFSET = 0.5
 #: bytes per element the all-reduce sends, by compression name (uint8 adds a 256-entry codebook per part)
 _BYTES_PER_ELEMENT = {"none": 4, "fp16": 2, "uint8": 1, "size-adaptive": 1}
 
@@ -95,7 +92,6 @@ class OuterOptimizer:
         #: served to joiners, who end their first round with the others instead of H steps after them
         self.inner_step = 0
         self.fallbacks = 0  # rounds whose all-reduce failed or was partial
-        self.dead: dict[bytes, float] = {}  # peer id -> expiration of the offer it was found dead with
         self.skipped = 0  # rounds whose local pseudo-gradient was non-finite (not sent)
         self.averager = exact_averager_class()(
             [torch.zeros_like(outer) for outer in self.outer], dht, prefix=f"{run_id}_diloco",
@@ -109,13 +105,13 @@ class OuterOptimizer:
         self.averager.state_source = self._state_to_serve
         #: a holder (`holder=True`) never ends a round: it serves only once it holds a real state (`serve`)
         self.holder = holder
-        self.declaration_expiration = declaration_expiration
-        self._declared_until = -math.inf
+        #: who else trains in this run: the others' offers and client-mode declarations, the dead left out
+        self.partners = RoundPartners(self.averager, declaration_expiration, declares=not holder)
         if start:
             self.averager.run_in_background(await_ready=True)
             if not holder:
                 self.serve()
-                self.declare()
+                self.partners.declare(self.round)
 
     def serve(self) -> None:
         """Offer the outer state to joiners (the most advanced peer serves them), at this round's priority."""
@@ -124,34 +120,6 @@ class OuterOptimizer:
         self.averager.state_sharing_priority = self.round - (HOLDER_PRIORITY_OFFSET if self.holder else 0.0)
         if not self.averager.allow_state_sharing:
             self.averager.allow_state_sharing = True
-
-    def declare(self) -> None:
-        """A client-mode peer says that it trains in this run (renewed when half its expiration is gone: call it
-        every inner step). It cannot offer its state, so without this a server whose only partners are
-        client-mode peers would think it is alone and never average with them."""
-        from hivemind.utils import get_dht_time
-
-        if not self.averager.client_mode or self.holder:
-            return
-        now = get_dht_time()
-        if now < self._declared_until - self.declaration_expiration / 2:
-            return
-        self._declared_until = now + self.declaration_expiration
-        self.averager.dht.store(f"{self.averager.prefix}.clients", subkey=self.averager.peer_id.to_bytes(),
-                                value=self.round, expiration_time=self._declared_until, return_future=True)
-
-    def _goodbye(self) -> None:
-        """A client-mode peer that leaves takes its declaration back (its partners stop waiting for it at once)."""
-        from hivemind.utils import get_dht_time
-
-        if not self.averager.client_mode or self.holder or self._declared_until == -math.inf:
-            return
-        try:
-            self.averager.dht.store(f"{self.averager.prefix}.clients", subkey=self.averager.peer_id.to_bytes(),
-                                    value=None, expiration_time=get_dht_time() + self.declaration_expiration,
-                                    return_future=True).result(timeout=3.0)
-        except Exception:  # noqa: S110 (the declaration then expires on its own)
-            pass
 
     # ---- the round -----------------------------------------------------------------------------
 
@@ -187,7 +155,7 @@ class OuterOptimizer:
             self.fallbacks += 1
             print(f"[convmodel] DiLoCo round {self.round}: no all-reduce, the local pseudo-gradient is applied "
                   f"(total {self.fallbacks})", file=sys.stderr, flush=True)
-            dead = self.leave_out_dead_peers()
+            dead = self.partners.leave_out_dead_peers()
             if dead:
                 print(f"[convmodel] DiLoCo: {len(dead)} peer(s) did not answer after the failed round: left out "
                       "until they offer their state again", file=sys.stderr, flush=True)
@@ -211,48 +179,6 @@ class OuterOptimizer:
             fell_back=fell_back, sent=sent, stepped=stepped,
             agreed=agreed, repaired=repaired, approx_bytes_sent=self._approx_bytes(len(group)))
         return result
-
-    def others_declared(self) -> bool:
-        """Whether another live training peer of this run offers its outer state in the DHT, or declares itself
-        in client mode (`declare`). hivemind's averagers re-declare every 30 s, so a killed peer's offer
-        outlives it: `leave_out_dead_peers` leaves those out after a failed round. A killed client-mode peer
-        (which answers no ping) counts until its declaration expires."""
-        return bool(self._declared_others()) or bool(self._declared_clients())
-
-    def _declared_clients(self) -> list[bytes]:
-        found = self.averager.dht.get(f"{self.averager.prefix}.clients", latest=True)
-        own = self.averager.peer_id.to_bytes()
-        entries = found.value if found is not None and isinstance(found.value, dict) else {}
-        return [key for key, entry in entries.items() if key != own and getattr(entry, "value", None) is not None]
-
-    def _declared_others(self) -> dict[bytes, float]:
-        """peer id -> expiration of its offer, for the other peers offering state and not found dead since."""
-        found = self.averager.dht.get(f"{self.averager.prefix}.all_averagers", latest=True)
-        own = self.averager.peer_id.to_bytes()
-        entries = found.value if found is not None and isinstance(found.value, dict) else {}
-        others = {key: entry.expiration_time for key, entry in entries.items()
-                  if key != own and is_trainer_offer(getattr(entry, "value", None))}
-        return {key: expires for key, expires in others.items() if self.dead.get(key, -1.0) < expires}
-
-    def leave_out_dead_peers(self) -> list[bytes]:
-        """After a failed round: ping the peers offering state, leave out those that do not answer until they
-        offer again (a newer declaration). Returns the ones left out now."""
-        from functools import partial
-
-        from convmodel.collaborative.liveness import unanswered
-
-        others = self._declared_others()
-        if not others:
-            return []
-        try:
-            dead = self.averager.dht.run_coroutine(partial(unanswered, peer_ids=list(others)))
-        except Exception as exc:  # a DHT shutting down
-            print(f"[convmodel] checking the other DiLoCo peers: {type(exc).__name__}: {exc}", file=sys.stderr,
-                  flush=True)
-            return []
-        for peer_id in dead:
-            self.dead[peer_id] = others[peer_id]
-        return dead
 
     def _repair(self, round_number: int) -> bool:
         """The round's group held different outer weights (a member had applied its own pseudo-gradient after a
@@ -416,12 +342,5 @@ class OuterOptimizer:
 
     def shutdown(self) -> None:
         if self.averager.is_alive():
-            self._goodbye()
+            self.partners.goodbye()
             self.averager.shutdown()
-
-
-
-def is_trainer_offer(priority) -> bool:
-    """A state offer from a training peer: a whole round as its priority (a holder's is half a round lower;
-    None: not offering)."""
-    return isinstance(priority, int | float) and math.isfinite(priority) and float(priority).is_integer()

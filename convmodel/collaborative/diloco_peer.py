@@ -146,7 +146,7 @@ class DiLoCoPeer:
         self.samples_this_round += samples
         self.samples_contributed += samples
         outer.inner_step += 1
-        outer.declare()  # a client-mode peer's "I train here", renewed when due
+        outer.partners.declare(outer.round)  # a client-mode peer's "I train here", renewed when due
         if outer.inner_step < self.options.inner_steps:
             return None
         return self._end_round(0 if self.weightless_round else self.samples_this_round, lr)
@@ -155,7 +155,7 @@ class DiLoCoPeer:
         """The round's all-reduce and outer step; a peer that sees no other peer of the run steps alone at once
         (a round with no one to average with would wait averaging_timeout for nothing)."""
         outer = self.optimizer
-        alone = not outer.averager.client_mode and not outer.others_declared()
+        alone = not outer.averager.client_mode and not outer.partners.any()
         result = outer.end_round(weight, average=not alone)
         samples, self.last, self.samples_this_round, self.weightless_round = self.samples_this_round, result, 0, False
         self.bytes_sent += result.approx_bytes_sent
