@@ -98,7 +98,8 @@ def test_a_joiner_takes_the_outer_state_mid_round_and_both_hold_the_same_outer_w
     state = checkpoint(first)["diloco"]
     assert state["round"] == max(ours) + 1  # the checkpoint holds the outer state after the last round
     # TensorBoard: the synchronous mode's tags, the round as collab/epoch, and the bytes of the all-reduces
-    assert scalars(first, "collab/epoch")[-1][1] == max(ours) + 1
+    # the last step logged may come before the last round ended (Ctrl-C after it): that round or the next
+    assert scalars(first, "collab/epoch")[-1][1] in (max(ours), max(ours) + 1)
     assert {value for _, value in scalars(first, "collab/peers")} >= {1.0, 2.0}
     assert scalars(first, "collab/bytes_sent")[-1][1] > 0
 
